@@ -1,0 +1,207 @@
+//! The raw image file and what its file system can do.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::BlockError;
+
+/// Alignment assumed for `O_DIRECT` when the kernel does not report one (`statx` without
+/// `STATX_DIOALIGN`): a page satisfies every file system and device in use today.
+const FALLBACK_DIRECT_ALIGN: u32 = 4096;
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Open the file read-only; every write, discard and write-zeroes is refused.
+    pub readonly: bool,
+    /// Open with `O_DIRECT`, bypassing the host page cache. Every request's offset, length and
+    /// buffer addresses must then be aligned to [`DiskImage::direct_io_alignment`]; misaligned
+    /// requests are refused with [`BlockError::Misaligned`].
+    pub direct: bool,
+}
+
+/// Alignment `O_DIRECT` requires of this image's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectIoAlignment {
+    /// Every buffer's host address and length must be a multiple of this.
+    pub memory: u32,
+    /// Every request's byte offset and total length must be a multiple of this.
+    pub offset: u32,
+}
+
+/// A raw disk image (regular file or block device), shared by every engine that serves it.
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+    direct: Option<DirectIoAlignment>,
+    discard: bool,
+    /// `FALLOC_FL_ZERO_RANGE` is tried first and forgotten once the file system refuses it, so
+    /// later write-zeroes go straight to the fallback.
+    zero_range: AtomicBool,
+}
+
+impl DiskImage {
+    pub fn open(path: impl AsRef<Path>, options: DiskOptions) -> Result<Self, BlockError> {
+        let path = path.as_ref().to_path_buf();
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.readonly);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(&path).map_err(|source| BlockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let file_type = file
+            .metadata()
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?
+            .file_type();
+        if !file_type.is_file() && !file_type.is_block_device() {
+            return Err(BlockError::NotAnImage { path });
+        }
+        // Seeking to the end sizes block devices too, where metadata reports 0.
+        let size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        let direct = options.direct.then(|| direct_io_alignment(&file));
+        let discard = !options.readonly && punch_hole_works(&file, size);
+        log::debug!(
+            "opened {} ({size} bytes, readonly={}, direct={:?}, discard={discard})",
+            path.display(),
+            options.readonly,
+            direct
+        );
+        Ok(DiskImage {
+            file,
+            path,
+            size,
+            readonly: options.readonly,
+            direct,
+            discard,
+            zero_range: AtomicBool::new(true),
+        })
+    }
+
+    /// The image's size in bytes, fixed when it was opened.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// `Some` when opened with `O_DIRECT`: the alignment every request must keep.
+    pub fn direct_io_alignment(&self) -> Option<DirectIoAlignment> {
+        self.direct
+    }
+
+    /// The block size the device should advertise (`VIRTIO_BLK_F_BLK_SIZE`): 512 bytes, or the
+    /// `O_DIRECT` offset alignment when larger, so a guest that honours it never sends a
+    /// request the host would refuse.
+    pub fn logical_block_size(&self) -> u32 {
+        self.direct.map_or(512, |a| a.offset.max(512))
+    }
+
+    /// True when discard can be offered (`VIRTIO_BLK_F_DISCARD`): the image is writable and its
+    /// file system punches holes. A discarded range reads back as zeros.
+    pub fn supports_discard(&self) -> bool {
+        self.discard
+    }
+
+    /// True when write-zeroes can be offered (`VIRTIO_BLK_F_WRITE_ZEROES`): any writable image,
+    /// since the engines write zeros when the file system cannot zero a range itself.
+    pub fn supports_write_zeroes(&self) -> bool {
+        !self.readonly
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn zero_range_enabled(&self) -> bool {
+        self.zero_range.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn disable_zero_range(&self) {
+        if self.zero_range.swap(false, Ordering::Relaxed) {
+            log::info!(
+                "{}: file system refuses FALLOC_FL_ZERO_RANGE; write-zeroes will write zeros",
+                self.path.display()
+            );
+        }
+    }
+}
+
+fn direct_io_alignment(file: &File) -> DirectIoAlignment {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: the fd is open, the path is a valid C string, `stx` is writable and sized for
+    // the kernel's statx structure.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && stx.stx_dio_mem_align != 0
+        && stx.stx_dio_offset_align != 0
+    {
+        DirectIoAlignment {
+            memory: stx.stx_dio_mem_align,
+            offset: stx.stx_dio_offset_align,
+        }
+    } else {
+        DirectIoAlignment {
+            memory: FALLBACK_DIRECT_ALIGN,
+            offset: FALLBACK_DIRECT_ALIGN,
+        }
+    }
+}
+
+/// Asks the file system to punch a hole just past the end of the file, which changes nothing
+/// (KEEP_SIZE) but fails with EOPNOTSUPP where holes cannot be punched.
+fn punch_hole_works(file: &File, size: u64) -> bool {
+    let Ok(offset) = libc::off_t::try_from(size) else {
+        return false;
+    };
+    // SAFETY: fallocate on an fd we own; the range lies beyond the data, so nothing changes.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            FALLBACK_DIRECT_ALIGN as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "punch-hole probe failed ({}); discard not offered",
+            io::Error::last_os_error()
+        );
+    }
+    rc == 0
+}
