@@ -26,6 +26,8 @@ mod error;
 mod image;
 mod io;
 mod request;
+#[cfg(test)]
+mod tests;
 
 use std::os::unix::io::RawFd;
 use std::str::FromStr;

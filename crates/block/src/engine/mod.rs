@@ -1,4 +1,5 @@
 mod sync;
+mod thread_pool;
 
 use std::sync::Arc;
 
@@ -11,7 +12,10 @@ pub(crate) fn open(
 ) -> Result<Box<dyn BlockEngine>, BlockError> {
     let engine: Box<dyn BlockEngine> = match kind {
         EngineKind::Sync => Box::new(sync::SyncEngine::new(image.clone(), depth)?),
-        EngineKind::IoUring | EngineKind::ThreadPool | EngineKind::Auto => {
+        EngineKind::ThreadPool => {
+            Box::new(thread_pool::ThreadPoolEngine::new(image.clone(), depth)?)
+        }
+        EngineKind::IoUring | EngineKind::Auto => {
             return Err(BlockError::EngineUnavailable(kind.name()))
         }
     };
