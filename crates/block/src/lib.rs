@@ -112,6 +112,15 @@ impl FromStr for EngineKind {
     }
 }
 
+/// Whether the io_uring engine can run on this host (probed once per process: ring setup,
+/// the opcodes it needs, eventfd registration); the error says why not.
+pub fn io_uring_support() -> Result<(), &'static str> {
+    engine::io_uring_availability()
+        .as_ref()
+        .map(|_| ())
+        .map_err(String::as_str)
+}
+
 /// Builds an engine for `image` that keeps up to `depth` requests in flight (the device passes
 /// its queue size). `Auto` picks io_uring when the host allows it, else the thread pool, and
 /// logs the choice at info level.

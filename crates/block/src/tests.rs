@@ -482,12 +482,14 @@ macro_rules! engine_tests {
             #[test] fn read_past_a_shrunken_end_is_zero_filled() { super::read_past_a_shrunken_end_is_zero_filled($kind) }
             #[test] fn full_engine_refuses_more() { super::full_engine_refuses_more($kind) }
             #[test] fn direct_io_round_trip_and_misaligned_refused() { super::direct_io_round_trip_and_misaligned_refused($kind) }
+            #[test] fn dropping_with_requests_in_flight_returns() { super::dropping_with_requests_in_flight_returns($kind) }
         }
     )*};
 }
 
 engine_tests! {
     sync => EngineKind::Sync,
+    io_uring => EngineKind::IoUring,
     thread_pool => EngineKind::ThreadPool,
 }
 
@@ -521,4 +523,32 @@ fn opening_a_directory_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(err, BlockError::NotAnImage { .. }), "{err}");
+}
+
+#[test]
+fn auto_picks_io_uring_when_the_host_allows_it() {
+    let tmp = TempImage::new(1 << 20);
+    let image = tmp.open(DiskOptions::default());
+    let e = open_engine(&image, EngineKind::Auto, 8).unwrap();
+    let expected = match io_uring_support() {
+        Ok(()) => EngineKind::IoUring,
+        Err(_) => EngineKind::ThreadPool,
+    };
+    assert_eq!(e.kind(), expected);
+}
+
+fn dropping_with_requests_in_flight_returns(kind: EngineKind) {
+    let tmp = TempImage::new(4 << 20);
+    let image = tmp.open(DiskOptions::default());
+    let mut e = engine(&image, kind, 64);
+    let mut buf = AlignedBuf::new(64 * 65536);
+    for i in 0..64 {
+        let b = buf.host(i * 65536..(i + 1) * 65536);
+        e.submit(Request::read(i as u64 * 65536, vec![b], i as u64))
+            .unwrap();
+    }
+    e.commit().unwrap();
+    let started = Instant::now();
+    drop(e);
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

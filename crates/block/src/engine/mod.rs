@@ -1,5 +1,8 @@
 mod sync;
 mod thread_pool;
+mod uring;
+
+pub(crate) use uring::availability as io_uring_availability;
 
 use std::sync::Arc;
 
@@ -15,9 +18,20 @@ pub(crate) fn open(
         EngineKind::ThreadPool => {
             Box::new(thread_pool::ThreadPoolEngine::new(image.clone(), depth)?)
         }
-        EngineKind::IoUring | EngineKind::Auto => {
-            return Err(BlockError::EngineUnavailable(kind.name()))
-        }
+        EngineKind::IoUring => Box::new(uring::IoUringEngine::new(image.clone(), depth)?),
+        EngineKind::Auto => match io_uring_availability() {
+            Ok(()) => {
+                log::info!("{}: block engine io_uring", image.path().display());
+                Box::new(uring::IoUringEngine::new(image.clone(), depth)?)
+            }
+            Err(why) => {
+                log::info!(
+                    "{}: block engine threads (io_uring unavailable: {why})",
+                    image.path().display()
+                );
+                Box::new(thread_pool::ThreadPoolEngine::new(image.clone(), depth)?)
+            }
+        },
     };
     log::debug!(
         "{}: {} engine, depth {depth}",
