@@ -1,0 +1,7 @@
+//! virtio for kickvm: the virtio-pci transport (legacy and modern on one device), the notifier
+//! state machine that decides how each queue's kick is delivered, the I/O threads, and the
+//! devices (virtio-blk).
+
+pub mod counters;
+pub mod ioevent;
+pub mod notifier;
