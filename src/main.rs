@@ -1,1 +1,90 @@
-fn main() {}
+//! `kickvm run ...`: parse the command line, build and run the VM, turn the outcome into an
+//! exit status (0 guest reset/poweroff, 1 run-time failure, 2 usage/config error, 3 guest
+//! crash, 128+N stopped by signal N).
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use kickvm::cli::{Cli, Command, VmConfig};
+use kickvm::vmm::exit::VmExitReason;
+use kickvm::vmm::Vm;
+
+const EXIT_RUNTIME_FAILURE: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
+    std::process::exit(real_main());
+}
+
+fn real_main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return report_usage_error(e),
+    };
+    match cli.command {
+        Command::Run(args) => run(VmConfig::from(args)),
+    }
+}
+
+fn report_usage_error(e: clap::Error) -> i32 {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            0
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            EXIT_USAGE
+        }
+        _ => {
+            // clap appends usage and a hint on further lines; one line says it all.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid command line");
+            eprintln!("kickvm: {first}");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn run(config: VmConfig) -> i32 {
+    let vm = match Vm::new(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("kickvm: error: {e}");
+            return if e.is_config_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME_FAILURE
+            };
+        }
+    };
+    match vm.run() {
+        Ok(reason) => {
+            match &reason {
+                VmExitReason::Reset => log::info!("guest reset: VM ended"),
+                VmExitReason::PowerOff => log::info!("guest powered off: VM ended"),
+                VmExitReason::Crashed {
+                    vcpu,
+                    detail,
+                    registers,
+                } => eprintln!("kickvm: guest crashed on vCPU {vcpu}: {detail}\n{registers}"),
+                VmExitReason::Failed {
+                    vcpu,
+                    detail,
+                    registers,
+                } => eprintln!("kickvm: VM failed on vCPU {vcpu}: {detail}\n{registers}"),
+                VmExitReason::Signal(signal) => {
+                    eprintln!("kickvm: stopped by signal {signal}")
+                }
+            }
+            reason.exit_code()
+        }
+        Err(e) => {
+            eprintln!("kickvm: error: {e}");
+            EXIT_RUNTIME_FAILURE
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The VM lifecycle: [`Vm::new`] builds everything from a [`VmConfig`] (KVM VM, irqchip, PIT,
+//! memory, buses, legacy devices, kernel, vCPUs); [`Vm::run`] starts the vCPU threads and
+//! serves the main thread's loop (exit reports, signals, serial input) until the VM ends.
+
+pub mod boot;
+pub mod cpu;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kickvm_bus::Bus;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cli::{CpuProfile, SerialConfig, VmConfig};
+use crate::devices::acpi::AcpiShutdown;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use boot::{BootConfig, BootError};
+use cpu::{CpuError, CpuModel};
+use exit::{ExitNotifier, VmExitReason};
+use memory::{GuestMemoryMmap, MemoryError};
+use vcpu::{Vcpu, VcpuHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot use /dev/kvm: {0} (is KVM loaded, and may this user open /dev/kvm?)")]
+    KvmUnavailable(kvm_ioctls::Error),
+    #[error("--cpus {requested}: this host's KVM supports at most {max} vCPUs")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what} failed: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot place {what} on the {bus} bus: {source}")]
+    Bus {
+        what: &'static str,
+        bus: &'static str,
+        source: kickvm_bus::BusError,
+    },
+}
+
+impl VmError {
+    /// True for problems with what the user asked for (exit status 2), false for failures of
+    /// the host or KVM while building or running the VM (exit status 1).
+    pub fn is_config_error(&self) -> bool {
+        match self {
+            VmError::KvmUnavailable(_)
+            | VmError::TooManyVcpus { .. }
+            | VmError::SerialFile { .. } => true,
+            VmError::Boot(e) => e.is_config_error(),
+            VmError::Memory(MemoryError::Map { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Host { what, source }
+}
+
+/// A built VM, ready to run. Devices added before [`Vm::run`] go on [`Vm::pio_bus`] /
+/// [`Vm::mmio_bus`]; their interrupts use irqfds on [`Vm::vm_fd`].
+pub struct Vm {
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: Arc<ExitNotifier>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    serial_to_stdout: bool,
+    vcpus: Vec<VcpuFd>,
+    // Kept open for the VM's lifetime: the VmFd does not hold a reference to it.
+    _kvm: Kvm,
+}
+
+impl Vm {
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let serial_output = open_serial_output(&config.serial)?;
+
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.cpus) > max_vcpus {
+            return Err(VmError::TooManyVcpus {
+                requested: config.cpus,
+                max: max_vcpus,
+            });
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let memory = memory::create_guest_memory(config.memory_bytes)?;
+        memory::register_with_kvm(&vm_fd, &memory)?;
+
+        let exit = Arc::new(ExitNotifier::new().map_err(host_err("creating the exit eventfd"))?);
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+
+        let serial_to_stdout = config.serial == SerialConfig::Stdout;
+        let serial = match serial_output {
+            Some(output) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(host_err("creating the serial irqfd"))?;
+                vm_fd
+                    .register_irqfd(&irq, layout::SERIAL_IRQ)
+                    .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+                let serial = Arc::new(Mutex::new(SerialDevice::new(irq, output)));
+                insert_pio(
+                    &pio_bus,
+                    serial.clone(),
+                    "serial port",
+                    layout::SERIAL_PORT_BASE,
+                    layout::SERIAL_PORT_LEN,
+                )?;
+                Some(serial)
+            }
+            None => None,
+        };
+        insert_pio(
+            &pio_bus,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            "i8042",
+            layout::I8042_PORT_BASE,
+            layout::I8042_PORT_LEN,
+        )?;
+        insert_pio(
+            &pio_bus,
+            Arc::new(Mutex::new(AcpiShutdown::new(exit.clone()))),
+            "ACPI sleep control",
+            layout::ACPI_SHUTDOWN_PORT,
+            layout::ACPI_SHUTDOWN_PORT_LEN,
+        )?;
+
+        let entry = boot::load(
+            &memory,
+            &BootConfig {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: &config.cmdline,
+                mem_size: config.memory_bytes,
+                cpus: config.cpus,
+            },
+        )?;
+        cpu::write_boot_tables(&memory, &entry)?;
+
+        let model = match config.cpu.profile {
+            CpuProfile::Host => CpuModel::Host,
+            CpuProfile::PvmSafe => CpuModel::PvmSafe,
+            CpuProfile::Auto if cpu::host_is_pvm() => CpuModel::PvmSafe,
+            CpuProfile::Auto => CpuModel::Host,
+        };
+        let base_cpuid = cpu::base_cpuid(&kvm, model)?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            cpu::configure_vcpu(&fd, index, config.cpus, &base_cpuid, &entry)?;
+            vcpus.push(fd);
+        }
+
+        Ok(Vm {
+            vm_fd: Arc::new(vm_fd),
+            memory,
+            pio_bus,
+            mmio_bus,
+            exit,
+            serial,
+            serial_to_stdout,
+            vcpus,
+            _kvm: kvm,
+        })
+    }
+
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio_bus
+    }
+
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// Devices that can end the VM (reset, power-off) report through this.
+    pub fn exit_notifier(&self) -> &Arc<ExitNotifier> {
+        &self.exit
+    }
+
+    /// Runs the VM until it ends; returns why it ended.
+    pub fn run(mut self) -> Result<VmExitReason, VmError> {
+        vcpu::install_kick_handler()
+            .map_err(|e| host_err("installing the vCPU kick signal handler")(e.into()))?;
+        // Blocked here, before the vCPU threads exist, so only the signalfd sees them.
+        let signals = TerminationSignals::block()?;
+
+        let terminal = if self.serial_to_stdout && terminal::stdin_is_terminal() {
+            terminal::RawMode::enter()
+        } else {
+            None
+        };
+
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for (index, fd) in self.vcpus.drain(..).enumerate() {
+            let vcpu = Vcpu {
+                index: index as u8,
+                fd,
+                pio_bus: self.pio_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                exit: self.exit.clone(),
+            };
+            match vcpu.start() {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    stop_vcpus(handles);
+                    return Err(host_err("starting a vCPU thread")(e));
+                }
+            }
+        }
+
+        let result = self.main_loop(&signals, terminal.is_some());
+        stop_vcpus(handles);
+        drop(terminal);
+        result
+    }
+
+    fn main_loop(
+        &self,
+        signals: &TerminationSignals,
+        forward_stdin: bool,
+    ) -> Result<VmExitReason, VmError> {
+        const EXIT: u64 = 0;
+        const SIGNAL: u64 = 1;
+        const STDIN: u64 = 2;
+        let epoll = Epoll::new().map_err(host_err("epoll_create"))?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(host_err("epoll_ctl"))
+        };
+        add(self.exit.event().as_raw_fd(), EXIT)?;
+        add(signals.fd.as_raw_fd(), SIGNAL)?;
+        let forward_stdin = forward_stdin && self.serial.is_some();
+        if forward_stdin {
+            add(libc::STDIN_FILENO, STDIN)?;
+        }
+
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let count = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(host_err("epoll_wait")(e)),
+            };
+            for event in &events[..count] {
+                match event.data() {
+                    EXIT => {
+                        if let Some(reason) = self.exit.reason() {
+                            return Ok(reason);
+                        }
+                    }
+                    SIGNAL => {
+                        let signal = signals.read()?;
+                        log::info!("signal {signal} received: stopping the VM");
+                        self.exit.notify(VmExitReason::Signal(signal));
+                    }
+                    STDIN => self.forward_input(&epoll)?,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Moves what the user typed into the serial receive FIFO. What the FIFO cannot take is
+    /// dropped, as a real UART drops characters on overrun.
+    fn forward_input(&self, epoll: &Epoll) -> Result<(), VmError> {
+        let mut buf = [0u8; 64];
+        // SAFETY: fd 0 stays open for the process lifetime; ManuallyDrop keeps File from
+        // closing it.
+        let mut stdin =
+            std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(libc::STDIN_FILENO) });
+        match stdin.read(&mut buf) {
+            Ok(0) => {
+                // End of input: stop watching it.
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    libc::STDIN_FILENO,
+                    EpollEvent::default(),
+                );
+            }
+            Ok(n) => {
+                if let Some(serial) = &self.serial {
+                    let taken = serial.lock().unwrap().enqueue_input(&buf[..n]);
+                    if taken < n {
+                        log::debug!(
+                            "serial receive FIFO full: {} input bytes dropped",
+                            n - taken
+                        );
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(host_err("reading stdin")(e)),
+        }
+        Ok(())
+    }
+}
+
+fn insert_pio(
+    bus: &Bus,
+    device: kickvm_bus::SharedDevice,
+    what: &'static str,
+    base: u64,
+    len: u64,
+) -> Result<(), VmError> {
+    bus.insert(device, base, len)
+        .map_err(|source| VmError::Bus {
+            what,
+            bus: "port I/O",
+            source,
+        })
+}
+
+fn open_serial_output(config: &SerialConfig) -> Result<Option<SerialOutput>, VmError> {
+    Ok(match config {
+        SerialConfig::Stdout => Some(Box::new(std::io::stdout())),
+        SerialConfig::File(path) => {
+            let file = File::create(path).map_err(|source| VmError::SerialFile {
+                path: path.clone(),
+                source,
+            })?;
+            Some(Box::new(file))
+        }
+        SerialConfig::Off => None,
+    })
+}
+
+/// Kicks every vCPU out of KVM_RUN, asks it to stop, and joins its thread.
+fn stop_vcpus(handles: Vec<VcpuHandle>) {
+    for handle in &handles {
+        handle.request_stop();
+    }
+    for handle in handles {
+        handle.join();
+    }
+}
+
+/// SIGINT and SIGTERM, blocked and delivered through a signalfd to the main loop.
+struct TerminationSignals {
+    fd: OwnedFd,
+}
+
+impl TerminationSignals {
+    fn block() -> Result<Self, VmError> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
+        let fd = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(host_err("signalfd")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        Ok(TerminationSignals {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn read(&self) -> Result<i32, VmError> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which is that large.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                size,
+            )
+        };
+        if n != size as isize {
+            return Err(host_err("reading the signalfd")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(info.ssi_signo as i32)
+    }
+}

@@ -1,0 +1,396 @@
+//! vCPU threads: each runs KVM_RUN in a loop and dispatches port-I/O and MMIO exits to the
+//! buses. A [`VcpuHandle`] lets the main thread kick its vCPU out of KVM_RUN (a signal that
+//! sets `immediate_exit`, so a kick that lands just before KVM_RUN is not lost), and pause,
+//! resume or stop it through a shared run state.
+
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use kickvm_bus::Bus;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::exit::{ExitNotifier, VmExitReason};
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU thread out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+thread_local! {
+    /// This thread's kvm_run page, so the kick signal handler can set `immediate_exit`.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick_signal(
+    _signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set while the VcpuFd that
+        // owns it is alive on this thread and cleared before it is dropped; a signal handler
+        // on the same thread cannot race with the KVM_RUN caller, and the kernel reads the
+        // field only on the next KVM_RUN.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// Installs the process-wide kick signal handler. Call once before starting vCPU threads.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick_signal)
+}
+
+/// What the main thread wants a vCPU to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuRunState {
+    Running = 0,
+    Paused = 1,
+    Stopping = 2,
+}
+
+impl VcpuRunState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => VcpuRunState::Running,
+            1 => VcpuRunState::Paused,
+            _ => VcpuRunState::Stopping,
+        }
+    }
+}
+
+/// Exit counts of one vCPU, readable from any thread.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    pub pio_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+    pub unclaimed_accesses: AtomicU64,
+    pub interrupted_runs: AtomicU64,
+}
+
+/// State shared between a vCPU thread and whoever controls it.
+#[derive(Debug)]
+pub struct VcpuShared {
+    /// Requested state; read by the vCPU on every loop iteration (an atomic load).
+    requested: AtomicU8,
+    /// The state the vCPU thread has reached, for callers that wait for it (pause barrier).
+    reached: Mutex<VcpuRunState>,
+    changed: Condvar,
+    pub stats: VcpuStats,
+}
+
+impl VcpuShared {
+    fn new() -> Self {
+        VcpuShared {
+            requested: AtomicU8::new(VcpuRunState::Running as u8),
+            reached: Mutex::new(VcpuRunState::Running),
+            changed: Condvar::new(),
+            stats: VcpuStats::default(),
+        }
+    }
+
+    fn requested(&self) -> VcpuRunState {
+        VcpuRunState::from_u8(self.requested.load(Ordering::Acquire))
+    }
+
+    fn set_reached(&self, state: VcpuRunState) {
+        *self.reached.lock().unwrap() = state;
+        self.changed.notify_all();
+    }
+}
+
+/// The main thread's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    shared: Arc<VcpuShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    pub fn shared(&self) -> &Arc<VcpuShared> {
+        &self.shared
+    }
+
+    /// Forces the vCPU out of KVM_RUN (or makes its next KVM_RUN return at once).
+    pub fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            // SAFETY: the pthread_t comes from a JoinHandle we still hold, so the thread has
+            // not been joined and the id is valid; the signal has a handler installed.
+            let ret = unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+            if ret != 0 {
+                log::debug!("kicking vCPU {}: pthread_kill returned {ret}", self.index);
+            }
+        }
+    }
+
+    fn request(&self, state: VcpuRunState) {
+        let _guard = self.shared.reached.lock().unwrap();
+        self.shared.requested.store(state as u8, Ordering::Release);
+        self.shared.changed.notify_all();
+        drop(_guard);
+        self.kick();
+    }
+
+    /// Takes the vCPU out of guest mode and holds it until [`VcpuHandle::resume`]; returns once
+    /// the vCPU thread is parked (or has stopped).
+    pub fn pause(&self) {
+        self.request(VcpuRunState::Paused);
+        let reached = self.shared.reached.lock().unwrap();
+        let _parked = self
+            .shared
+            .changed
+            .wait_while(reached, |s| *s == VcpuRunState::Running)
+            .unwrap();
+    }
+
+    pub fn resume(&self) {
+        if self.shared.requested() == VcpuRunState::Paused {
+            self.request(VcpuRunState::Running);
+        }
+    }
+
+    /// Asks the vCPU thread to leave its loop; [`VcpuHandle::join`] waits for it.
+    pub fn request_stop(&self) {
+        self.request(VcpuRunState::Stopping);
+    }
+
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("vCPU {} thread panicked", self.index);
+            }
+        }
+    }
+}
+
+/// A vCPU ready to run, moved into its thread by [`Vcpu::start`].
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub exit: Arc<ExitNotifier>,
+}
+
+impl Vcpu {
+    pub fn start(self) -> std::io::Result<VcpuHandle> {
+        let shared = Arc::new(VcpuShared::new());
+        let index = self.index;
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&thread_shared))?;
+        Ok(VcpuHandle {
+            index,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, shared: &VcpuShared) {
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
+        self.run_loop(shared);
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        shared.set_reached(VcpuRunState::Stopping);
+        let stats = &shared.stats;
+        log::debug!(
+            "vCPU {} stopped: {} PIO exits, {} MMIO exits, {} unclaimed, {} interrupted",
+            self.index,
+            stats.pio_exits.load(Ordering::Relaxed),
+            stats.mmio_exits.load(Ordering::Relaxed),
+            stats.unclaimed_accesses.load(Ordering::Relaxed),
+            stats.interrupted_runs.load(Ordering::Relaxed),
+        );
+    }
+
+    fn run_loop(&mut self, shared: &VcpuShared) {
+        loop {
+            match shared.requested() {
+                VcpuRunState::Running => {}
+                VcpuRunState::Paused => {
+                    if !wait_while_paused(shared) {
+                        return;
+                    }
+                }
+                VcpuRunState::Stopping => return,
+            }
+            match self.run_once(shared) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(reason) => {
+                    self.exit.notify(reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One KVM_RUN and the handling of its exit. Ok(false): this vCPU is done (the VM is
+    /// ending). The PIO/MMIO paths allocate nothing.
+    fn run_once(&mut self, shared: &VcpuShared) -> Result<bool, VmExitReason> {
+        let index = self.index;
+        let stats = &shared.stats;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                stats.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.pio_bus.read(u64::from(port), data) {
+                    stats.unclaimed_accesses.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xff);
+                    log::debug!("vCPU {index}: unclaimed port read {port:#x}");
+                }
+                Ok(true)
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                stats.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.pio_bus.write(u64::from(port), data) {
+                    stats.unclaimed_accesses.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vCPU {index}: unclaimed port write {port:#x} <- {data:x?}");
+                }
+                Ok(true)
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio_bus.read(addr, data) {
+                    stats.unclaimed_accesses.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xff);
+                    log::debug!("vCPU {index}: unclaimed MMIO read {addr:#x}");
+                }
+                Ok(true)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio_bus.write(addr, data) {
+                    stats.unclaimed_accesses.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vCPU {index}: unclaimed MMIO write {addr:#x} <- {data:x?}");
+                }
+                Ok(true)
+            }
+            Ok(VcpuExit::Shutdown) => Err(VmExitReason::Crashed {
+                vcpu: index,
+                detail: "triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                registers: describe_registers(&self.fd),
+            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Err(VmExitReason::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Err(VmExitReason::Reset),
+                _ => Err(VmExitReason::Crashed {
+                    vcpu: index,
+                    detail: format!("KVM system event {kind}"),
+                    registers: describe_registers(&self.fd),
+                }),
+            },
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC KVM handles HLT itself; an HLT exit means this vCPU
+                // cannot be woken again.
+                log::info!("vCPU {index} halted for good");
+                Ok(false)
+            }
+            Ok(VcpuExit::InternalError) => {
+                let detail = internal_error_detail(&mut self.fd);
+                Err(VmExitReason::Failed {
+                    vcpu: index,
+                    detail,
+                    registers: describe_registers(&self.fd),
+                })
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(VmExitReason::Failed {
+                vcpu: index,
+                detail: format!(
+                    "KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
+                ),
+                registers: describe_registers(&self.fd),
+            }),
+            Ok(other) => Err(VmExitReason::Failed {
+                vcpu: index,
+                detail: format!("unexpected KVM exit {other:?}"),
+                registers: describe_registers(&self.fd),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                stats.interrupted_runs.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => Err(VmExitReason::Failed {
+                vcpu: index,
+                detail: format!("KVM_RUN failed: {e}"),
+                registers: describe_registers(&self.fd),
+            }),
+        }
+    }
+}
+
+/// Parks a paused vCPU until it is resumed (true) or stopped (false).
+fn wait_while_paused(shared: &VcpuShared) -> bool {
+    let mut reached = shared.reached.lock().unwrap();
+    *reached = VcpuRunState::Paused;
+    shared.changed.notify_all();
+    while shared.requested() == VcpuRunState::Paused {
+        reached = shared.changed.wait(reached).unwrap();
+    }
+    let requested = shared.requested();
+    *reached = requested;
+    shared.changed.notify_all();
+    requested == VcpuRunState::Running
+}
+
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_INTERNAL_ERROR_SIMUL_EX: u32 = 2;
+const KVM_INTERNAL_ERROR_DELIVERY_EV: u32 = 3;
+
+fn internal_error_detail(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+    // KVM filled in.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        KVM_INTERNAL_ERROR_EMULATION => "emulation failure (an instruction KVM cannot emulate)",
+        KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        KVM_INTERNAL_ERROR_DELIVERY_EV => "failure while delivering an event",
+        _ => "internal error",
+    };
+    let count = (internal.ndata as usize).min(internal.data.len());
+    format!(
+        "KVM internal error: {what} (suberror {}, data {:x?})",
+        internal.suberror,
+        &internal.data[..count]
+    )
+}
+
+/// A multi-line dump of the vCPU's registers, for crash and failure reports.
+pub fn describe_registers(fd: &VcpuFd) -> String {
+    let mut out = String::new();
+    match fd.get_regs() {
+        Ok(r) => {
+            out += &format!(
+                "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8,
+                r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            );
+        }
+        Err(e) => out += &format!("  (registers unavailable: {e})\n"),
+    }
+    match fd.get_sregs() {
+        Ok(s) => {
+            out += &format!(
+                "  cs={:#06x} (base {:#x}, dpl {}, l {}) ss={:#06x} ds={:#06x} tr={:#06x}\n  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n  gdt={:#x}+{:#x} idt={:#x}+{:#x}",
+                s.cs.selector, s.cs.base, s.cs.dpl, s.cs.l, s.ss.selector, s.ds.selector,
+                s.tr.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit,
+                s.idt.base, s.idt.limit
+            );
+        }
+        Err(e) => out += &format!("  (system registers unavailable: {e})"),
+    }
+    out
+}
