@@ -1,0 +1,11 @@
+//! Link the guest freestanding, at the physical addresses `link.ld` gives it.
+
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rerun-if-changed=link.ld");
+    println!("cargo:rustc-link-arg-bins=-nostartfiles");
+    println!("cargo:rustc-link-arg-bins=-static");
+    println!("cargo:rustc-link-arg-bins=-no-pie");
+    println!("cargo:rustc-link-arg-bins=-Wl,--build-id=none");
+    println!("cargo:rustc-link-arg-bins=-T{dir}/link.ld");
+}

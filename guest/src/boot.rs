@@ -1,0 +1,308 @@
+//! Everything that runs at CPL0: the PVH entry, the AP trampoline, the
+//! interrupt stubs and the static tables they use (page tables, GDT, IDT, TSS).
+//!
+//! CPL0 code is emulated one instruction at a time under PVM (~1 µs each) and
+//! may not use SSE, so it is a few dozen hand-written instructions; the tables
+//! are built at link time (`link.ld` splits addresses into descriptor fields).
+//! All Rust code runs at CPL3.
+
+use core::arch::global_asm;
+use core::sync::atomic::AtomicU64;
+
+/// Upper bound on the CPUs the guest brings up (GDT TSS slots, stacks).
+pub const MAX_CPUS: usize = 64;
+/// GDT selector of the first TSS; CPU `i` uses `FIRST_TSS_SELECTOR + 16 * i`.
+pub const FIRST_TSS_SELECTOR: usize = 0x30;
+/// Bytes in a TSS with its I/O permission bitmap and terminator byte.
+pub const TSS_BYTES: usize = 104 + 8192 + 1;
+/// Physical address the AP trampoline is copied to (SIPI vector 0x08).
+pub const AP_TRAMPOLINE_ADDR: usize = 0x8000;
+pub const KERNEL_STACK_BYTES: usize = 8 * 1024;
+pub const USER_STACK_BYTES: usize = 128 * 1024;
+
+/// Interrupts taken per vector (all CPUs), counted by the CPL0 stubs.
+#[no_mangle]
+pub static INTERRUPT_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+
+/// Per-CPU values an AP's CPL0 entry needs: its kernel (RSP0) stack top and
+/// its user stack top. Index 0 (the BSP) is unused. Written by the BSP before
+/// it sends SIPIs.
+#[repr(C)]
+pub struct ApBootSlot {
+    pub kernel_stack_top: u64,
+    pub user_stack_top: u64,
+}
+
+#[no_mangle]
+pub static mut AP_BOOT_SLOTS: [ApBootSlot; MAX_CPUS] = [const {
+    ApBootSlot {
+        kernel_stack_top: 0,
+        user_stack_top: 0,
+    }
+}; MAX_CPUS];
+
+/// Maps an xAPIC id to the guest's CPU index (0xFF: not a CPU we started).
+#[no_mangle]
+pub static mut APIC_ID_TO_CPU: [u8; 256] = [0xFF; 256];
+
+extern "C" {
+    /// The `hvm_start_info` address the PVH entry received in `ebx`.
+    pub static start_info_paddr: u32;
+    #[link_name = "gdt"]
+    pub static mut GDT: [u64; 6 + 2 * MAX_CPUS];
+    pub static ap_trampoline_start: u8;
+    pub static ap_trampoline_end: u8;
+    /// The IDT; user-writable like everything in the identity map.
+    #[link_name = "idt"]
+    pub static mut IDT: [u64; 2 * 256];
+}
+
+global_asm!(
+    r#"
+    .set MAX_CPUS, {max_cpus}
+    .set KSTACK, {kstack}
+    .set USTACK, {ustack}
+
+    .set USER_DATA, 0x1b
+    .set USER_CODE, 0x23
+    .set KERNEL_CODE, 0x08
+    .set CR4_BITS, 0x620          /* PAE | OSFXSR | OSXMMEXCPT */
+    .set CR0_BITS, 0x80010023     /* PG | WP | NE | MP | PE */
+    .set EFER_MSR, 0xC0000080
+    .set EFER_LME, 0x100
+
+    /* ---- PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY ---- */
+    .section .note.pvh, "a", @note
+    .balign 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .balign 4
+    .long pvh_entry32
+
+    /* ---- BSP entry: 32-bit protected mode, paging off, no stack ---- */
+    .section .text.boot, "ax"
+    .code32
+    .global pvh_entry32
+pvh_entry32:
+    cli
+    movl $(bsp_kernel_stack + KSTACK), %esp
+    movl %ebx, start_info_paddr
+    lgdt gdt_ptr
+    movl $CR4_BITS, %eax
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $EFER_MSR, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl $CR0_BITS, %eax
+    movl %eax, %cr0
+    ljmp $KERNEL_CODE, $bsp_entry64
+
+    .code64
+bsp_entry64:
+    lidt idt_ptr(%rip)
+    movw ${first_tss}, %ax
+    ltr %ax
+    /* Mask both 8259s: firmware leaves the PIT running. */
+    movb $0xff, %al
+    outb %al, $0x21
+    outb %al, $0xa1
+    pushq $USER_DATA
+    pushq $(bsp_user_stack + USTACK - 8)
+    pushq $0x202
+    pushq $USER_CODE
+    pushq $bsp_main
+    iretq
+
+    /* ---- AP entry, reached from the trampoline in 64-bit mode ---- */
+ap_entry64:
+    movl $0xFEE00020, %eax
+    movl (%rax), %eax
+    shrl $24, %eax
+    movzbl APIC_ID_TO_CPU(%rax), %edi
+    movl %edi, %ecx
+    shll $4, %ecx
+    movq AP_BOOT_SLOTS(%rcx), %rsp
+    lidt idt_ptr(%rip)
+    leal {first_tss}(%rcx), %eax
+    ltr %ax
+    pushq $USER_DATA
+    pushq AP_BOOT_SLOTS+8(%rcx)
+    pushq $0x202
+    pushq $USER_CODE
+    pushq $ap_main
+    iretq
+
+    /* ---- AP trampoline: copied to 0x8000, entered in real mode ---- */
+    .section .rodata.ap_trampoline, "a"
+    .code16
+    .global ap_trampoline_start
+    .global ap_trampoline_end
+ap_trampoline_start:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl (ap_gdt_ptr - ap_trampoline_start)
+    movl $CR4_BITS, %eax
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $EFER_MSR, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl $CR0_BITS, %eax
+    movl %eax, %cr0
+    ljmpl $KERNEL_CODE, $ap_entry64
+    .balign 8
+ap_gdt_ptr:
+    .short gdt_end - gdt - 1
+    .long gdt
+ap_trampoline_end:
+    .code64
+
+    /* ---- exception stubs: DPL-3 code, no privilege change ---- */
+    .section .text.exception_stubs, "ax"
+    .global exception_stubs
+    .balign 4096
+exception_stubs:
+    .set vec, 0
+    .rept 32
+    .balign 16
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp exception_common
+    .set vec, vec + 1
+    .endr
+
+exception_common:
+    movq %rsp, %rdi
+    andq $-16, %rsp
+    call exception_handler
+    ud2
+
+    /* ---- interrupt stubs: vectors 32..255, CPL0 (TSS.RSP0 stack) ---- */
+    .section .text.interrupt_stubs, "ax"
+    .global interrupt_stubs
+    .balign 4096
+interrupt_stubs:
+    .set vec, 32
+    .rept 224
+    .balign 16
+    pushq %rax
+    movl $vec, %eax
+    jmp interrupt_common
+    .set vec, vec + 1
+    .endr
+
+interrupt_common:
+    lock incq INTERRUPT_COUNTS(,%rax,8)
+    movl $0xFEE000B0, %eax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+    /* ---- tables ---- */
+    .section .data.boot_tables, "aw"
+    .balign 4096
+pml4:
+    .quad pdpt + 0x7
+    .fill 511, 8, 0
+pdpt:
+    .quad pd + 0x7
+    .quad pd + 0x1000 + 0x7
+    .quad pd + 0x2000 + 0x7
+    .quad pd + 0x3000 + 0x7
+    .fill 508, 8, 0
+    /* 0..4 GiB in 2 MiB pages, user accessible; 3..4 GiB (PCI holes,
+       IOAPIC, LAPIC) uncached. */
+pd:
+    .set page, 0
+    .rept 2048
+    .if page >= 1536
+    .quad (page << 21) + 0x9f
+    .else
+    .quad (page << 21) + 0x87
+    .endif
+    .set page, page + 1
+    .endr
+
+    .balign 16
+    .global gdt
+gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF      /* 0x08 kernel code, 64-bit */
+    .quad 0x00CF92000000FFFF      /* 0x10 kernel data */
+    .quad 0x00CFF2000000FFFF      /* 0x18 user data */
+    .quad 0x00AFFA000000FFFF      /* 0x20 user code, 64-bit */
+    .quad 0                       /* 0x28 unused */
+    .quad BSP_TSS_DESC_LO         /* 0x30 CPU 0 TSS; CPU i at 0x30 + 16 * i */
+    .quad BSP_TSS_DESC_HI
+    .fill 2 * (MAX_CPUS - 1), 8, 0
+gdt_end:
+
+    .balign 16
+    .short 0
+gdt_ptr:
+    .short gdt_end - gdt - 1
+    .quad gdt
+
+    .balign 16
+    .short 0
+idt_ptr:
+    .short 256 * 16 - 1
+    .quad idt
+
+    .global start_info_paddr
+start_info_paddr:
+    .long 0
+
+    .balign 16
+    .global idt
+idt:
+    .set vec, 0
+    .rept 32
+    .quad EXCEPTION_GATE_LO + vec * 16
+    .quad EXCEPTION_GATE_HI
+    .set vec, vec + 1
+    .endr
+    .set vec, 0
+    .rept 224
+    .quad INTERRUPT_GATE_LO + vec * 16
+    .quad INTERRUPT_GATE_HI
+    .set vec, vec + 1
+    .endr
+
+    /* CPU 0's TSS: RSP0 and an all-zero I/O bitmap (every port allowed at
+       CPL3; PVM ignores IOPL) ended by the 0xff byte. */
+    .balign 16
+    .global bsp_tss
+bsp_tss:
+    .long 0
+    .quad bsp_kernel_stack + KSTACK
+    .fill 88, 1, 0
+    .short 0
+    .short 104
+    .fill 8192, 1, 0
+    .byte 0xff
+
+    .section .bss.boot_stacks, "aw", @nobits
+    .balign 4096
+bsp_kernel_stack:
+    .fill KSTACK, 1, 0
+bsp_user_stack:
+    .fill USTACK, 1, 0
+"#,
+    max_cpus = const MAX_CPUS,
+    kstack = const KERNEL_STACK_BYTES,
+    ustack = const USER_STACK_BYTES,
+    first_tss = const FIRST_TSS_SELECTOR,
+    options(att_syntax)
+);

@@ -1,0 +1,161 @@
+//! Which CPUs exist: the ACPI MADT if there is ACPI, else the MP table.
+
+use crate::boot::MAX_CPUS;
+use crate::x86::phys_slice;
+
+pub struct Cpus {
+    /// xAPIC ids of the enabled CPUs, in table order.
+    pub apic_ids: [u8; MAX_CPUS],
+    pub count: usize,
+    /// CPUs listed beyond MAX_CPUS (not started).
+    pub dropped: usize,
+    pub source: &'static str,
+}
+
+impl Cpus {
+    fn empty(source: &'static str) -> Self {
+        Self { apic_ids: [0; MAX_CPUS], count: 0, dropped: 0, source }
+    }
+
+    fn push(&mut self, apic_id: u32) {
+        if apic_id > 0xfe {
+            // Needs x2APIC, which this guest does not drive.
+            self.dropped += 1;
+        } else if self.count < MAX_CPUS {
+            self.apic_ids[self.count] = apic_id as u8;
+            self.count += 1;
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    pub fn ids(&self) -> &[u8] {
+        &self.apic_ids[..self.count]
+    }
+}
+
+pub fn discover(rsdp_hint: u64) -> Option<Cpus> {
+    find_rsdp(rsdp_hint).and_then(madt_cpus).or_else(mp_table_cpus)
+}
+
+fn bytes(addr: u64, len: usize) -> &'static [u8] {
+    // SAFETY: firmware tables live in identity-mapped low memory and are not
+    // written while the guest reads them.
+    unsafe { phys_slice(addr, len) }
+}
+
+fn checksum_ok(data: &[u8]) -> bool {
+    data.iter().fold(0u8, |a, &b| a.wrapping_add(b)) == 0
+}
+
+fn u16_at(d: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([d[off], d[off + 1]])
+}
+
+fn u32_at(d: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([d[off], d[off + 1], d[off + 2], d[off + 3]])
+}
+
+fn u64_at(d: &[u8], off: usize) -> u64 {
+    u32_at(d, off) as u64 | (u32_at(d, off + 4) as u64) << 32
+}
+
+/// Tables must lie in the identity map and be of a sane size.
+fn plausible(addr: u64, len: u64) -> bool {
+    addr != 0 && len >= 8 && len < (1 << 20) && addr + len < (1 << 32)
+}
+
+fn find_rsdp(hint: u64) -> Option<u64> {
+    if hint != 0 && plausible(hint, 20) && &bytes(hint, 8)[..] == b"RSD PTR " {
+        return Some(hint);
+    }
+    (0xE0000..0x100000u64).step_by(16).find(|&a| &bytes(a, 8)[..] == b"RSD PTR " && checksum_ok(bytes(a, 20)))
+}
+
+fn madt_cpus(rsdp: u64) -> Option<Cpus> {
+    let r = bytes(rsdp, 36);
+    let revision = r[15];
+    let (root, entry_size) = if revision >= 2 && u64_at(r, 24) != 0 {
+        (u64_at(r, 24), 8)
+    } else {
+        (u32_at(r, 16) as u64, 4)
+    };
+    if !plausible(root, 36) {
+        return None;
+    }
+    let root_len = u32_at(bytes(root, 36), 4) as u64;
+    if !plausible(root, root_len) {
+        return None;
+    }
+    let root_table = bytes(root, root_len as usize);
+    let madt = (36..root_table.len())
+        .step_by(entry_size)
+        .filter(|off| off + entry_size <= root_table.len())
+        .map(|off| if entry_size == 8 { u64_at(root_table, off) } else { u32_at(root_table, off) as u64 })
+        .find(|&t| plausible(t, 36) && &bytes(t, 4)[..] == b"APIC")?;
+    let madt_len = u32_at(bytes(madt, 8), 4) as u64;
+    if !plausible(madt, madt_len) {
+        return None;
+    }
+    let m = bytes(madt, madt_len as usize);
+    let mut cpus = Cpus::empty("acpi");
+    let mut off = 44;
+    while off + 2 <= m.len() {
+        let (kind, len) = (m[off], m[off + 1] as usize);
+        if len < 2 || off + len > m.len() {
+            break;
+        }
+        let enabled = |flags: u32| flags & 1 != 0;
+        match kind {
+            0 if len >= 8 && enabled(u32_at(m, off + 4)) => cpus.push(m[off + 3] as u32),
+            9 if len >= 16 && enabled(u32_at(m, off + 8)) => cpus.push(u32_at(m, off + 4)),
+            _ => {}
+        }
+        off += len;
+    }
+    (cpus.count > 0).then_some(cpus)
+}
+
+fn find_mp_floating_pointer() -> Option<u64> {
+    let ebda = (u16_at(bytes(0x40E, 2), 0) as u64) << 4;
+    let mut areas = [(0u64, 0u64); 3];
+    if (0x80000..0xA0000).contains(&ebda) {
+        areas[0] = (ebda, ebda + 1024);
+    }
+    areas[1] = (0x9FC00, 0xA0000);
+    areas[2] = (0xF0000, 0x100000);
+    areas.iter().filter(|(s, e)| e > s).find_map(|&(start, end)| {
+        (start..end - 16)
+            .step_by(16)
+            .find(|&a| &bytes(a, 4)[..] == b"_MP_" && checksum_ok(bytes(a, 16)))
+    })
+}
+
+fn mp_table_cpus() -> Option<Cpus> {
+    let pointer = find_mp_floating_pointer()?;
+    let config = u32_at(bytes(pointer, 16), 4) as u64;
+    if !plausible(config, 44) || &bytes(config, 4)[..] != b"PCMP" {
+        return None;
+    }
+    let header = bytes(config, 44);
+    let length = u16_at(header, 4) as u64;
+    if !plausible(config, length) || !checksum_ok(bytes(config, length as usize)) {
+        return None;
+    }
+    let table = bytes(config, length as usize);
+    let entries = u16_at(header, 34);
+    let mut cpus = Cpus::empty("mptable");
+    let mut off = 44;
+    for _ in 0..entries {
+        let Some(&kind) = table.get(off) else { break };
+        let len = if kind == 0 { 20 } else { 8 };
+        if off + len > table.len() {
+            break;
+        }
+        if kind == 0 && table[off + 3] & 1 != 0 {
+            cpus.push(table[off + 1] as u32);
+        }
+        off += len;
+    }
+    (cpus.count > 0).then_some(cpus)
+}
