@@ -3,5 +3,7 @@
 //! devices (virtio-blk).
 
 pub mod counters;
+pub mod device;
+pub mod io_thread;
 pub mod ioevent;
 pub mod notifier;

@@ -1,0 +1,94 @@
+//! The contract between the transport and a virtio device.
+//!
+//! The transport owns the registers, the queues' configuration and their kick eventfds; at
+//! DRIVER_OK it builds the queues and hands them to [`VirtioDevice::activate`], which returns the
+//! [`QueueHandler`] that both the I/O thread (ioeventfd mode, completions) and the vCPU thread
+//! (sync mode) call. A handler keeps each queue behind its own lock, so the two threads share
+//! it without a device-wide lock.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::counters::QueueCounters;
+use crate::notifier::KickSink;
+
+/// Interrupts as the device sees them; the transport maps them to MSI-X vectors or INTx.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Queue `queue` has new used buffers (the caller already consulted EVENT_IDX).
+    fn signal_queue(&self, queue: usize);
+    fn signal_config(&self);
+    /// The device found the driver's state unusable: sets DEVICE_NEEDS_RESET in the status and
+    /// sends a configuration interrupt.
+    fn set_needs_reset(&self);
+}
+
+/// A queue the driver set up, handed to the device at activation.
+pub struct QueueSetup {
+    pub index: usize,
+    pub queue: Queue,
+    pub kick: Arc<EventFd>,
+}
+
+/// Everything a device gets at activation.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub acked_features: u64,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub queues: Vec<QueueSetup>,
+    pub counters: Arc<[QueueCounters]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {queue} is unusable: {reason}")]
+    BadQueue { queue: usize, reason: String },
+    #[error("device backend failed to start: {0}")]
+    Backend(String),
+}
+
+/// Processes a device's queues. Called from the vCPU thread (sync mode, and while switching
+/// modes) and from the device's I/O thread.
+pub trait QueueHandler: Send + Sync {
+    /// The driver kicked `queue`: take what it made available.
+    fn process_queue(&self, queue: usize);
+    /// An eventfd the I/O thread watches for `queue`'s backend completions, if any.
+    fn completion_fd(&self, queue: usize) -> Option<RawFd>;
+    /// `queue`'s completion fd is readable (or the I/O thread is polling).
+    fn process_completions(&self, queue: usize);
+    /// Requests of `queue` are in flight: the I/O thread may poll rather than sleep.
+    fn busy(&self, queue: usize) -> bool;
+    fn num_queues(&self) -> usize;
+}
+
+/// The adapter the notifier uses to run a queue inline.
+pub struct HandlerSink<'a>(pub Option<&'a Arc<dyn QueueHandler>>);
+
+impl KickSink for HandlerSink<'_> {
+    fn process_kick(&self, queue: usize) {
+        if let Some(handler) = self.0 {
+            handler.process_queue(queue);
+        }
+    }
+}
+
+/// A virtio device behind the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (2 for block).
+    fn device_type(&self) -> u16;
+    /// The largest size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered, including transport features (VERSION_1, EVENT_IDX, ...).
+    fn features(&self) -> u64;
+    /// Length of the device-specific configuration space.
+    fn config_len(&self) -> usize;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError>;
+    /// Stops using the queues: waits for requests in flight, then forgets them. The device is
+    /// ready to be activated again.
+    fn reset(&mut self);
+}

@@ -1,0 +1,335 @@
+//! A device's I/O thread: an epoll loop over the queues' kick eventfds (while in ioeventfd
+//! mode), the backend's completion fds, interrupt resample fds and a control eventfd.
+//!
+//! While requests are in flight the loop polls for a bounded time instead of sleeping, so a
+//! busy device is not woken per completion; the device keeps kicks suppressed (EVENT_IDX /
+//! NO_NOTIFY) meanwhile, which is what lets an ioeventfd kick cost no more than KVM's part.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::counters::QueueCounters;
+use crate::device::QueueHandler;
+use crate::notifier::KickWatcher;
+
+const TOKEN_CONTROL: u64 = 0;
+const KIND_SHIFT: u64 = 32;
+const KIND_KICK: u64 = 1 << KIND_SHIFT;
+const KIND_COMPLETION: u64 = 2 << KIND_SHIFT;
+const KIND_CALLBACK: u64 = 3 << KIND_SHIFT;
+const KIND_MASK: u64 = !0u64 << KIND_SHIFT;
+
+pub type Callback = Arc<dyn Fn() + Send + Sync>;
+
+struct Shared {
+    name: String,
+    epoll: Epoll,
+    control: EventFd,
+    stop: AtomicBool,
+    handler: Mutex<Option<Arc<dyn QueueHandler>>>,
+    kicks: Mutex<HashMap<usize, Arc<EventFd>>>,
+    completion_fds: Mutex<Vec<RawFd>>,
+    callbacks: Mutex<HashMap<u64, Callback>>,
+    counters: Arc<[QueueCounters]>,
+    poll: Duration,
+}
+
+pub struct IoThread {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Starts the thread. `poll` bounds how long it spins for more work after the last
+    /// progress while requests are in flight (zero: never spin).
+    pub fn spawn(
+        name: &str,
+        counters: Arc<[QueueCounters]>,
+        poll: Duration,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            epoll: Epoll::new()?,
+            control: EventFd::new(EFD_NONBLOCK)?,
+            stop: AtomicBool::new(false),
+            handler: Mutex::new(None),
+            kicks: Mutex::new(HashMap::new()),
+            completion_fds: Mutex::new(Vec::new()),
+            callbacks: Mutex::new(HashMap::new()),
+            counters,
+            poll,
+        });
+        shared.epoll.ctl(
+            ControlOperation::Add,
+            shared.control.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_CONTROL),
+        )?;
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("io-{name}"))
+            .spawn(move || run(&thread_shared))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts serving an activated device: its completion fds join the epoll set.
+    pub fn attach(&self, handler: Arc<dyn QueueHandler>) -> std::io::Result<()> {
+        let mut fds = self.shared.completion_fds.lock().unwrap();
+        for queue in 0..handler.num_queues() {
+            if let Some(fd) = handler.completion_fd(queue) {
+                let event = EpollEvent::new(EventSet::IN, KIND_COMPLETION | queue as u64);
+                if let Err(e) = self.shared.epoll.ctl(ControlOperation::Add, fd, event) {
+                    drop(fds);
+                    self.detach();
+                    return Err(e);
+                }
+                fds.push(fd);
+            }
+        }
+        *self.shared.handler.lock().unwrap() = Some(handler);
+        Ok(())
+    }
+
+    /// Stops serving the device (before it is reset).
+    pub fn detach(&self) {
+        for fd in self.shared.completion_fds.lock().unwrap().drain(..) {
+            let _ = self
+                .shared
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        *self.shared.handler.lock().unwrap() = None;
+    }
+
+    /// Runs `callback` on this thread whenever `fd` is readable; `id` names it for removal.
+    pub fn add_callback(&self, id: u32, fd: RawFd, callback: Callback) -> std::io::Result<()> {
+        let token = KIND_CALLBACK | u64::from(id);
+        self.shared
+            .callbacks
+            .lock()
+            .unwrap()
+            .insert(token, callback);
+        self.shared.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.shared.control.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl KickWatcher for IoThread {
+    fn watch(&self, queue: usize, kick: &Arc<EventFd>) -> std::io::Result<()> {
+        self.shared
+            .kicks
+            .lock()
+            .unwrap()
+            .insert(queue, kick.clone());
+        let event = EpollEvent::new(EventSet::IN, KIND_KICK | queue as u64);
+        self.shared
+            .epoll
+            .ctl(ControlOperation::Add, kick.as_raw_fd(), event)
+            .inspect_err(|_| {
+                self.shared.kicks.lock().unwrap().remove(&queue);
+            })
+    }
+
+    fn unwatch(&self, queue: usize, kick: &Arc<EventFd>) {
+        let _ = self.shared.epoll.ctl(
+            ControlOperation::Delete,
+            kick.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        self.shared.kicks.lock().unwrap().remove(&queue);
+    }
+}
+
+fn run(shared: &Shared) {
+    let mut events = vec![EpollEvent::default(); 64];
+    let mut poll_until: Option<Instant> = None;
+    loop {
+        let timeout = if poll_until.is_some() { 0 } else { -1 };
+        let count = match shared.epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!(
+                    "{}: I/O thread epoll failed: {e}; thread stops",
+                    shared.name
+                );
+                return;
+            }
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let handler = shared.handler.lock().unwrap().clone();
+        for event in &events[..count] {
+            dispatch(shared, handler.as_ref(), event.data());
+        }
+        let Some(handler) = handler else {
+            poll_until = None;
+            continue;
+        };
+        if shared.poll.is_zero() {
+            continue;
+        }
+        // Busy: reap without waiting for the completion fd to wake us, for a bounded time
+        // after the last request went out.
+        let busy: Vec<usize> = (0..handler.num_queues())
+            .filter(|&q| handler.busy(q))
+            .collect();
+        if busy.is_empty() {
+            poll_until = None;
+        } else {
+            if count > 0 || poll_until.is_none() {
+                poll_until = Some(Instant::now() + shared.poll);
+            }
+            for queue in busy {
+                handler.process_completions(queue);
+            }
+            if poll_until.is_some_and(|t| Instant::now() >= t) {
+                poll_until = None;
+            }
+        }
+    }
+}
+
+fn dispatch(shared: &Shared, handler: Option<&Arc<dyn QueueHandler>>, token: u64) {
+    let index = (token & !KIND_MASK) as usize;
+    match token & KIND_MASK {
+        0 => {
+            let _ = shared.control.read();
+        }
+        KIND_KICK => {
+            let kick = shared.kicks.lock().unwrap().get(&index).cloned();
+            let Some(kick) = kick else { return };
+            // Another thread may have drained it while switching modes: then nothing to do.
+            let Ok(kicks) = kick.read() else { return };
+            if let Some(counters) = shared.counters.get(index) {
+                QueueCounters::add(&counters.kicks_ioeventfd, kicks);
+            }
+            if let Some(handler) = handler {
+                handler.process_queue(index);
+            }
+        }
+        KIND_COMPLETION => {
+            if let Some(handler) = handler {
+                handler.process_completions(index);
+            }
+        }
+        KIND_CALLBACK => {
+            let callback = shared.callbacks.lock().unwrap().get(&token).cloned();
+            if let Some(callback) = callback {
+                callback();
+            }
+        }
+        _ => log::debug!("{}: unknown epoll token {token:#x}", shared.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+
+    struct CountingHandler {
+        kicks: mpsc::Sender<usize>,
+        completions: AtomicUsize,
+        completion_fd: EventFd,
+    }
+
+    impl QueueHandler for CountingHandler {
+        fn process_queue(&self, queue: usize) {
+            self.kicks.send(queue).unwrap();
+        }
+        fn completion_fd(&self, queue: usize) -> Option<RawFd> {
+            (queue == 0).then(|| self.completion_fd.as_raw_fd())
+        }
+        fn process_completions(&self, _queue: usize) {
+            let _ = self.completion_fd.read();
+            self.completions.fetch_add(1, Ordering::SeqCst);
+        }
+        fn busy(&self, _queue: usize) -> bool {
+            false
+        }
+        fn num_queues(&self) -> usize {
+            2
+        }
+    }
+
+    fn counters(n: usize) -> Arc<[QueueCounters]> {
+        (0..n).map(|_| QueueCounters::default()).collect()
+    }
+
+    #[test]
+    fn watched_kick_reaches_the_handler_with_its_queue_index_and_is_counted() {
+        let counters = counters(2);
+        let io = IoThread::spawn("t", counters.clone(), Duration::ZERO).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let handler = Arc::new(CountingHandler {
+            kicks: tx,
+            completions: AtomicUsize::new(0),
+            completion_fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+        });
+        io.attach(handler.clone()).unwrap();
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        io.watch(1, &kick).unwrap();
+        kick.write(3).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(counters[1].kicks_ioeventfd.load(Ordering::Relaxed), 3);
+        handler.completion_fd.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while handler.completions.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "completion never processed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn unwatched_kick_stays_in_its_eventfd_for_the_next_owner() {
+        let io = IoThread::spawn("t", counters(1), Duration::ZERO).unwrap();
+        let (tx, rx) = mpsc::channel();
+        io.attach(Arc::new(CountingHandler {
+            kicks: tx,
+            completions: AtomicUsize::new(0),
+            completion_fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }))
+        .unwrap();
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        io.watch(0, &kick).unwrap();
+        io.unwatch(0, &kick);
+        kick.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        assert_eq!(kick.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn dropping_the_thread_stops_it() {
+        let io = IoThread::spawn("t", counters(1), Duration::from_micros(50)).unwrap();
+        drop(io);
+    }
+}
