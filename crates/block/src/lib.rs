@@ -7,10 +7,11 @@
 //!    [`Request`] and [`BlockEngine::submit`] it (a refused request is answered at once:
 //!    `VIRTIO_BLK_S_UNSUPP` if [`BlockError::is_unsupported`], else `VIRTIO_BLK_S_IOERR`);
 //! 2. [`BlockEngine::commit`] once per batch: one system call starts them all;
-//! 3. [`BlockEngine::reap`] right away (some engines finish during commit) and whenever
-//!    [`BlockEngine::completion_fd`], an eventfd in the same epoll set as the queue eventfds,
-//!    becomes readable; write each [`Completion`]'s status, add it to the used ring, and signal
-//!    the guest once per batch.
+//! 3. [`BlockEngine::reap`] right after every commit (**required**: completions that are
+//!    ready when commit returns, page-cache hits above all, do not signal the eventfd), and
+//!    again whenever [`BlockEngine::completion_fd`], an eventfd in the same epoll set as the
+//!    queue eventfds, becomes readable; write each [`Completion`]'s status, add it to the used
+//!    ring, and signal the guest once per batch.
 //!
 //! Engines ([`EngineKind`]): `IoUring` (readv/writev/fsync/fallocate on a ring whose completions
 //! signal the eventfd), `ThreadPool` (worker threads doing preadv/pwritev), `Sync` (the request
@@ -52,10 +53,14 @@ pub trait BlockEngine: Send {
 
     /// Starts every request submitted since the last commit. Requests that fail to start are
     /// reported as completions with an error, so `Err` here means the engine itself broke.
+    /// Call [`BlockEngine::reap`] after it: what finished during the commit is only found
+    /// there.
     fn commit(&mut self) -> Result<(), BlockError>;
 
-    /// An eventfd that is readable while completions wait to be reaped. Level-triggered epoll
-    /// is the intended use; [`BlockEngine::reap`] resets it.
+    /// An eventfd that becomes readable when a request finishes after the last
+    /// [`BlockEngine::reap`] (requests finished inside `commit` are left to the reap that
+    /// follows it). Level-triggered epoll is the intended use; `reap` resets it. It may
+    /// occasionally be readable with nothing to reap.
     fn completion_fd(&self) -> RawFd;
 
     /// Appends every finished request to `out` without blocking, and resets the eventfd.
