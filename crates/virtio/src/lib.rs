@@ -7,3 +7,6 @@ pub mod device;
 pub mod io_thread;
 pub mod ioevent;
 pub mod notifier;
+#[cfg(test)]
+pub(crate) mod test_utils;
+pub mod transport;

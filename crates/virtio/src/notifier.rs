@@ -400,59 +400,13 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::MockRegistrar;
     use kickvm_bus::IoAddress;
     use std::cell::RefCell;
     use std::collections::HashSet;
-    use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
-
-    /// Stands in for KVM: remembers registrations, refuses beyond `capacity`.
-    #[derive(Default)]
-    struct MockRegistrar {
-        live: Mutex<HashSet<(i32, Doorbell)>>,
-        capacity: Option<usize>,
-    }
-
-    impl IoeventRegistrar for MockRegistrar {
-        fn register(&self, fd: &EventFd, doorbell: Doorbell) -> std::io::Result<()> {
-            let mut live = self.live.lock().unwrap();
-            if self.capacity.is_some_and(|c| live.len() >= c) {
-                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-            }
-            if !live.insert((fd.as_raw_fd(), doorbell)) {
-                return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            Ok(())
-        }
-        fn unregister(&self, fd: &EventFd, doorbell: Doorbell) -> std::io::Result<()> {
-            if self
-                .live
-                .lock()
-                .unwrap()
-                .remove(&(fd.as_raw_fd(), doorbell))
-            {
-                Ok(())
-            } else {
-                Err(std::io::Error::from_raw_os_error(libc::ENOENT))
-            }
-        }
-    }
-
-    impl MockRegistrar {
-        /// What a guest write at `doorbell` does: signals the registered eventfd, if any.
-        fn guest_writes(&self, doorbell: Doorbell, kicks: &[Arc<EventFd>]) -> bool {
-            let live = self.live.lock().unwrap();
-            for kick in kicks {
-                if live.contains(&(kick.as_raw_fd(), doorbell)) {
-                    kick.write(1).unwrap();
-                    return true;
-                }
-            }
-            false
-        }
-    }
 
     #[derive(Default)]
     struct MockWatcher {

@@ -1,0 +1,160 @@
+//! Interrupt delivery for a virtio-pci function: MSI-X when the driver enabled it (per-queue
+//! and config vectors), otherwise INTx with the ISR register.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kickvm_pci::{Delivery, IntxLine, MsixConfig};
+
+use crate::counters::QueueCounters;
+use crate::device::VirtioInterrupt;
+
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+pub const ISR_QUEUE: u8 = 0x1;
+pub const ISR_CONFIG: u8 = 0x2;
+
+pub struct PciInterrupt {
+    msix: Arc<Mutex<MsixConfig>>,
+    intx: Option<IntxLine>,
+    intx_disabled: AtomicBool,
+    isr: AtomicU8,
+    needs_reset: AtomicBool,
+    queue_vectors: Vec<AtomicU16>,
+    config_vector: AtomicU16,
+    counters: Arc<[QueueCounters]>,
+}
+
+impl PciInterrupt {
+    pub fn new(
+        msix: Arc<Mutex<MsixConfig>>,
+        intx: Option<IntxLine>,
+        num_queues: usize,
+        counters: Arc<[QueueCounters]>,
+    ) -> Self {
+        Self {
+            msix,
+            intx,
+            intx_disabled: AtomicBool::new(false),
+            isr: AtomicU8::new(0),
+            needs_reset: AtomicBool::new(false),
+            queue_vectors: (0..num_queues)
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+            config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            counters,
+        }
+    }
+
+    pub fn intx(&self) -> Option<&IntxLine> {
+        self.intx.as_ref()
+    }
+
+    fn valid_vector(&self, vector: u16) -> u16 {
+        if vector < self.msix.lock().unwrap().num_vectors() {
+            vector
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
+    /// Stores the driver's choice; a vector the function does not have reads back as
+    /// NO_VECTOR, which is how the driver learns the assignment failed.
+    pub fn set_queue_vector(&self, queue: usize, vector: u16) {
+        if let Some(slot) = self.queue_vectors.get(queue) {
+            slot.store(self.valid_vector(vector), Ordering::SeqCst);
+        }
+    }
+
+    pub fn queue_vector(&self, queue: usize) -> u16 {
+        self.queue_vectors
+            .get(queue)
+            .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst))
+    }
+
+    pub fn set_config_vector(&self, vector: u16) {
+        self.config_vector
+            .store(self.valid_vector(vector), Ordering::SeqCst);
+    }
+
+    pub fn config_vector(&self) -> u16 {
+        self.config_vector.load(Ordering::SeqCst)
+    }
+
+    pub fn set_intx_disabled(&self, disabled: bool) {
+        self.intx_disabled.store(disabled, Ordering::SeqCst);
+    }
+
+    /// Reading the ISR acknowledges it: the line drops at the guest's next EOI.
+    pub fn read_isr(&self) -> u8 {
+        self.isr.swap(0, Ordering::SeqCst)
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The guest EOI'd the INTx line: raise it again while the ISR still has something.
+    pub fn resample(&self) {
+        if let Some(intx) = &self.intx {
+            let _ = intx.resample_fd().read();
+            if self.isr.load(Ordering::SeqCst) != 0 && !self.intx_disabled.load(Ordering::SeqCst) {
+                intx.assert();
+            }
+        }
+    }
+
+    /// Device reset: vectors back to NO_VECTOR, ISR and NEEDS_RESET cleared.
+    pub fn reset(&self) {
+        for v in &self.queue_vectors {
+            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        }
+        self.config_vector
+            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        self.isr.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// Returns whether anything was sent (or left pending on a masked vector).
+    fn deliver(&self, vector: u16, isr_bit: u8) -> bool {
+        {
+            let mut msix = self.msix.lock().unwrap();
+            if msix.enabled() {
+                return vector != VIRTIO_MSI_NO_VECTOR
+                    && msix.trigger(vector) != Delivery::NotDelivered;
+            }
+        }
+        self.isr.fetch_or(isr_bit, Ordering::SeqCst);
+        match &self.intx {
+            Some(intx) if !self.intx_disabled.load(Ordering::SeqCst) => {
+                intx.assert();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal_queue(&self, queue: usize) {
+        let sent = self.deliver(self.queue_vector(queue), ISR_QUEUE);
+        if let Some(counters) = self.counters.get(queue) {
+            let counter = if sent {
+                &counters.interrupts_sent
+            } else {
+                &counters.interrupts_suppressed
+            };
+            QueueCounters::add(counter, 1);
+        }
+    }
+
+    fn signal_config(&self) {
+        self.deliver(self.config_vector(), ISR_CONFIG);
+    }
+
+    fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            log::warn!("virtio device entered NEEDS_RESET");
+        }
+        self.signal_config();
+    }
+}
