@@ -40,10 +40,15 @@ fn report_usage_error(e: clap::Error) -> i32 {
             EXIT_USAGE
         }
         _ => {
-            // clap appends usage and a hint on further lines; one line says it all.
+            // clap appends usage and a hint after a blank line; the first paragraph, joined
+            // into one line, says it all.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            eprintln!("kickvm: {first}");
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("kickvm: {}", message.join(" "));
             EXIT_USAGE
         }
     }

@@ -121,11 +121,15 @@ const CPUID_1_EDX_HTT: u32 = 1 << 28;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
-/// The CPUID shared by all vCPUs (before the per-vCPU ids are filled in).
-pub fn base_cpuid(kvm: &Kvm, model: CpuModel) -> Result<CpuId, CpuError> {
+/// The CPUID shared by all vCPUs (before the per-vCPU ids are filled in). `tsc_khz`, when
+/// known, is published in the hypervisor timing leaf 0x40000010 so guests need not calibrate.
+pub fn base_cpuid(kvm: &Kvm, model: CpuModel, tsc_khz: Option<u32>) -> Result<CpuId, CpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuError::SupportedCpuid)?;
+    if let Some(khz) = tsc_khz {
+        cpuid = with_timing_leaf(&cpuid, khz);
+    }
     if model == CpuModel::PvmSafe {
         let hidden = hide_pvm_unsafe_features(&mut cpuid);
         if hidden.is_empty() {
@@ -173,6 +177,36 @@ fn hide_pvm_unsafe_features(cpuid: &mut CpuId) -> Vec<&'static str> {
         }
     }
     hidden
+}
+
+const LEAF_HYPERVISOR_BASE: u32 = 0x4000_0000;
+const LEAF_HYPERVISOR_TIMING: u32 = 0x4000_0010;
+/// The LAPIC timer of KVM's in-kernel LAPIC counts at 1 GHz.
+const KVM_APIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Adds leaf 0x40000010 (EAX = TSC kHz, EBX = APIC bus kHz), raising the hypervisor's
+/// maximum leaf to reach it. Without a hypervisor base leaf nothing is added.
+fn with_timing_leaf(cpuid: &CpuId, tsc_khz: u32) -> CpuId {
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| e.function != LEAF_HYPERVISOR_TIMING)
+        .copied()
+        .collect();
+    let Some(base) = entries
+        .iter_mut()
+        .find(|e| e.function == LEAF_HYPERVISOR_BASE)
+    else {
+        return cpuid.clone();
+    };
+    base.eax = base.eax.max(LEAF_HYPERVISOR_TIMING);
+    entries.push(kvm_bindings::kvm_cpuid_entry2 {
+        function: LEAF_HYPERVISOR_TIMING,
+        eax: tsc_khz,
+        ebx: KVM_APIC_BUS_KHZ,
+        ..Default::default()
+    });
+    CpuId::from_entries(&entries).unwrap_or_else(|_| cpuid.clone())
 }
 
 /// Bits needed to number `count` items (the APIC-id shift of a topology level).
@@ -566,6 +600,22 @@ mod tests {
         for name in ["xsave", "avx", "cmpxchg16b", "avx2"] {
             assert!(hidden.contains(&name), "{name} not reported");
         }
+    }
+
+    #[test]
+    fn timing_leaf_is_added_under_the_hypervisor_base_leaf() {
+        let base = cpuid_with(&[kvm_cpuid_entry2 {
+            function: LEAF_HYPERVISOR_BASE,
+            eax: 0x4000_0001,
+            ..Default::default()
+        }]);
+        let cpuid = with_timing_leaf(&base, 2_500_000);
+        let entries = cpuid.as_slice();
+        assert_eq!(entries[0].eax, LEAF_HYPERVISOR_TIMING);
+        assert_eq!(entries[1].function, LEAF_HYPERVISOR_TIMING);
+        assert_eq!(entries[1].eax, 2_500_000);
+        let no_hypervisor = cpuid_with(&[kvm_cpuid_entry2::default()]);
+        assert_eq!(with_timing_leaf(&no_hypervisor, 1).as_slice().len(), 1);
     }
 
     #[test]

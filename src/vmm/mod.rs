@@ -193,14 +193,21 @@ impl Vm {
             CpuProfile::Auto if cpu::host_is_pvm() => CpuModel::PvmSafe,
             CpuProfile::Auto => CpuModel::Host,
         };
-        let base_cpuid = cpu::base_cpuid(&kvm, model)?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            cpu::configure_vcpu(&fd, index, config.cpus, &base_cpuid, &entry)?;
             vcpus.push(fd);
+        }
+        let tsc_khz = vcpus[0]
+            .get_tsc_khz()
+            .inspect_err(|e| log::debug!("KVM_GET_TSC_KHZ: {e}"))
+            .ok()
+            .filter(|&khz| khz > 0);
+        let base_cpuid = cpu::base_cpuid(&kvm, model, tsc_khz)?;
+        for (index, fd) in vcpus.iter().enumerate() {
+            cpu::configure_vcpu(fd, index as u8, config.cpus, &base_cpuid, &entry)?;
         }
 
         Ok(Vm {
@@ -242,7 +249,7 @@ impl Vm {
         vcpu::install_kick_handler()
             .map_err(|e| host_err("installing the vCPU kick signal handler")(e.into()))?;
         // Blocked here, before the vCPU threads exist, so only the signalfd sees them.
-        let signals = TerminationSignals::block()?;
+        let signals = ControlSignals::block()?;
 
         let terminal = if self.serial_to_stdout && terminal::stdin_is_terminal() {
             terminal::RawMode::enter()
@@ -268,7 +275,7 @@ impl Vm {
             }
         }
 
-        let result = self.main_loop(&signals, terminal.is_some());
+        let result = self.main_loop(&signals, terminal.is_some(), &handles);
         stop_vcpus(handles);
         drop(terminal);
         result
@@ -276,8 +283,9 @@ impl Vm {
 
     fn main_loop(
         &self,
-        signals: &TerminationSignals,
+        signals: &ControlSignals,
         forward_stdin: bool,
+        handles: &[VcpuHandle],
     ) -> Result<VmExitReason, VmError> {
         const EXIT: u64 = 0;
         const SIGNAL: u64 = 1;
@@ -313,11 +321,13 @@ impl Vm {
                             return Ok(reason);
                         }
                     }
-                    SIGNAL => {
-                        let signal = signals.read()?;
-                        log::info!("signal {signal} received: stopping the VM");
-                        self.exit.notify(VmExitReason::Signal(signal));
-                    }
+                    SIGNAL => match signals.read()? {
+                        libc::SIGUSR1 => handles.iter().for_each(VcpuHandle::request_register_dump),
+                        signal => {
+                            log::info!("signal {signal} received: stopping the VM");
+                            self.exit.notify(VmExitReason::Signal(signal));
+                        }
+                    },
                     STDIN => self.forward_input(&epoll)?,
                     _ => {}
                 }
@@ -399,12 +409,13 @@ fn stop_vcpus(handles: Vec<VcpuHandle>) {
     }
 }
 
-/// SIGINT and SIGTERM, blocked and delivered through a signalfd to the main loop.
-struct TerminationSignals {
+/// SIGINT and SIGTERM (stop the VM) and SIGUSR1 (log every vCPU's registers), blocked and
+/// delivered through a signalfd to the main loop.
+struct ControlSignals {
     fd: OwnedFd,
 }
 
-impl TerminationSignals {
+impl ControlSignals {
     fn block() -> Result<Self, VmError> {
         // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -413,6 +424,7 @@ impl TerminationSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
         };
@@ -420,7 +432,7 @@ impl TerminationSignals {
             return Err(host_err("signalfd")(std::io::Error::last_os_error()));
         }
         // SAFETY: signalfd returned a new descriptor that nothing else owns.
-        Ok(TerminationSignals {
+        Ok(ControlSignals {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }

@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -84,6 +84,8 @@ pub struct VcpuShared {
     /// The state the vCPU thread has reached, for callers that wait for it (pause barrier).
     reached: Mutex<VcpuRunState>,
     changed: Condvar,
+    /// Set by [`VcpuHandle::request_register_dump`]; the vCPU logs its registers when kicked.
+    dump_registers: AtomicBool,
     pub stats: VcpuStats,
 }
 
@@ -93,6 +95,7 @@ impl VcpuShared {
             requested: AtomicU8::new(VcpuRunState::Running as u8),
             reached: Mutex::new(VcpuRunState::Running),
             changed: Condvar::new(),
+            dump_registers: AtomicBool::new(false),
             stats: VcpuStats::default(),
         }
     }
@@ -159,6 +162,13 @@ impl VcpuHandle {
         if self.shared.requested() == VcpuRunState::Paused {
             self.request(VcpuRunState::Running);
         }
+    }
+
+    /// Makes the vCPU log its registers (at warn level) the next time it leaves KVM_RUN, which
+    /// the kick forces: how a user sees where a silent guest is (SIGUSR1 to kickvm).
+    pub fn request_register_dump(&self) {
+        self.shared.dump_registers.store(true, Ordering::Release);
+        self.kick();
     }
 
     /// Asks the vCPU thread to leave its loop; [`VcpuHandle::join`] waits for it.
@@ -320,6 +330,13 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 stats.interrupted_runs.fetch_add(1, Ordering::Relaxed);
+                if shared.dump_registers.swap(false, Ordering::AcqRel) {
+                    log::warn!(
+                        "vCPU {index} registers (mp_state {:?}):\n{}",
+                        self.fd.get_mp_state().map(|s| s.mp_state),
+                        describe_registers(&self.fd)
+                    );
+                }
                 Ok(true)
             }
             Err(e) => Err(VmExitReason::Failed {
