@@ -29,6 +29,10 @@ impl HostBuffer {
     /// from the kernel. The caller (the virtio device) bounds-checks the guest's descriptors
     /// against guest memory before building these; guest memory stays mapped for the VM's
     /// life.
+    ///
+    /// With vm-memory, build one per region piece: `GuestMemory::get_slices(addr, len, ..)`
+    /// yields `VolatileSlice`s (a buffer may cross from one region to the next), and
+    /// `slice.ptr_guard_mut().as_ptr()` with `slice.len()` gives the arguments.
     pub unsafe fn new(addr: *mut u8, len: usize) -> Self {
         HostBuffer { addr, len }
     }

@@ -563,3 +563,34 @@ fn dropping_with_requests_in_flight_returns(kind: EngineKind) {
     drop(e);
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn iovec_cursor_advances_through_partial_buffers() {
+    let mut mem = AlignedBuf::new(4096);
+    let bufs = [mem.host(0..100), mem.host(200..200), mem.host(300..400)];
+    let mut cursor = crate::io::IoVecCursor::new(&bufs);
+    assert_eq!(cursor.remaining().len(), 2, "empty buffers are dropped");
+    cursor.advance(60);
+    let first = cursor.remaining()[0];
+    assert_eq!(first.iov_len, 40);
+    assert_eq!(first.iov_base as usize, mem.host(60..60).addr() as usize);
+    cursor.advance(40 + 50);
+    assert_eq!(cursor.remaining().len(), 1);
+    assert_eq!(cursor.remaining()[0].iov_len, 50);
+    cursor.advance(50);
+    assert!(cursor.is_done());
+}
+
+#[test]
+fn zero_iovecs_cover_at_most_one_mebibyte() {
+    let total = |len| -> u64 {
+        crate::io::IoVecCursor::zeroes(len)
+            .remaining()
+            .iter()
+            .map(|v| v.iov_len as u64)
+            .sum()
+    };
+    assert_eq!(total(512), 512);
+    assert_eq!(total(3 << 20), 1 << 20);
+    assert_eq!(total((1 << 20) - 4096), (1 << 20) - 4096);
+}

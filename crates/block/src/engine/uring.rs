@@ -193,20 +193,27 @@ impl IoUringEngine {
         }
     }
 
-    /// Tells the kernel about every SQE in the ring. Leaves them there on a transient error;
-    /// the next commit or reap tries again.
+    /// Tells the kernel about every SQE in the ring. On a transient error (the kernel short
+    /// of memory) they stay there and the eventfd is signalled, so the device's next reap
+    /// tries again.
     fn enter(&mut self) -> Result<(), BlockError> {
         while !self.ring.submission().is_empty() {
             match self.ring.submit() {
+                Ok(0) => return self.retry_later("io_uring_enter took no SQE"),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) => {
-                    log::debug!("io_uring_enter deferred: {e}");
-                    return Ok(());
+                    return self.retry_later(&e.to_string());
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    }
+
+    fn retry_later(&self, why: &str) -> Result<(), BlockError> {
+        log::debug!("io_uring submission deferred: {why}");
+        self.eventfd.write(1)?;
         Ok(())
     }
 
@@ -249,7 +256,7 @@ impl IoUringEngine {
 
     /// What a CQE means for its request.
     fn step(&mut self, slot: usize, res: i32) -> Step {
-        let image = self.image.clone();
+        let image = &self.image;
         let Some(op) = self.slots[slot].as_mut() else {
             log::error!("io_uring completion for unknown slot {slot}");
             return Step::Stray;
@@ -261,7 +268,7 @@ impl IoUringEngine {
             }
             let zeroing = matches!(op.kind, RequestKind::WriteZeroes { .. });
             if zeroing && op.zero_method != ZeroMethod::WriteZeros && is_unsupported_errno(errno) {
-                op.zero_method = op.zero_method.next(&image);
+                op.zero_method = op.zero_method.next(image);
                 if op.zero_method == ZeroMethod::WriteZeros {
                     op.cursor = IoVecCursor::zeroes(op.remaining);
                 }
