@@ -10,3 +10,4 @@ pub mod notifier;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
+pub mod blk;

@@ -1,0 +1,277 @@
+//! A virtio-blk queue's event handler: on a kick or a completion, reap what finished, take
+//! everything the driver made available, submit it to the engine in one batch, and signal the
+//! guest once for the batch (if EVENT_IDX says it wants to hear).
+//!
+//! While requests are in flight the queue leaves driver notifications off: each completion
+//! batch looks at the available ring anyway, so a kick would only cost the guest an exit (or
+//! wake this thread) for nothing. Notifications are enabled again, and the ring re-checked,
+//! when the queue goes idle.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kickvm_block::{BlockEngine, Completion};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::request::{parse, Parsed, RequestLimits};
+use super::*;
+use crate::counters::QueueCounters;
+use crate::device::{QueueHandler, VirtioInterrupt};
+
+struct InFlight {
+    status: GuestAddress,
+    used_len: u32,
+}
+
+pub struct BlkQueue {
+    queue: Queue,
+    engine: Box<dyn BlockEngine>,
+    /// By descriptor head index: unique while the chain is in flight.
+    in_flight: Vec<Option<InFlight>>,
+    completions: Vec<Completion>,
+    /// The driver broke the ring; nothing more is taken from it until reset.
+    broken: bool,
+}
+
+impl BlkQueue {
+    pub fn new(queue: Queue, engine: Box<dyn BlockEngine>) -> Self {
+        let size = usize::from(queue.size());
+        Self {
+            queue,
+            engine,
+            in_flight: (0..size).map(|_| None).collect(),
+            completions: Vec::with_capacity(size),
+            broken: false,
+        }
+    }
+}
+
+pub struct BlkHandler {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    counters: Arc<[QueueCounters]>,
+    limits: RequestLimits,
+    /// Indexed by queue; `None` for a queue the driver did not enable, or after reset.
+    queues: Vec<Mutex<Option<BlkQueue>>>,
+    completion_fds: Vec<Option<RawFd>>,
+    in_flight: Vec<AtomicUsize>,
+}
+
+enum Outcome {
+    Done,
+    Fatal(&'static str),
+}
+
+impl BlkHandler {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        counters: Arc<[QueueCounters]>,
+        limits: RequestLimits,
+        queues: Vec<Option<BlkQueue>>,
+    ) -> Self {
+        let completion_fds =
+            queues.iter().map(|q| q.as_ref().map(|q| q.engine.completion_fd())).collect();
+        let in_flight = queues.iter().map(|_| AtomicUsize::new(0)).collect();
+        Self {
+            mem,
+            interrupt,
+            counters,
+            limits,
+            queues: queues.into_iter().map(Mutex::new).collect(),
+            completion_fds,
+            in_flight,
+        }
+    }
+
+    /// Device reset: drops every engine, which waits for its requests in flight, so no guest
+    /// buffer is touched after this returns.
+    pub fn shut_down(&self) {
+        for (queue, count) in self.queues.iter().zip(&self.in_flight) {
+            drop(queue.lock().unwrap().take());
+            count.store(0, Ordering::SeqCst);
+        }
+    }
+
+    fn run(&self, index: usize) {
+        let Some(slot) = self.queues.get(index) else {
+            log::debug!("virtio-blk: kick for nonexistent queue {index} ignored");
+            return;
+        };
+        let mut guard = slot.lock().unwrap();
+        let Some(state) = guard.as_mut() else { return };
+        if state.broken {
+            // Keep the engine's completion fd from staying readable; the guest gets nothing
+            // more from a broken ring.
+            state.engine.reap(&mut state.completions);
+            state.completions.clear();
+            return;
+        }
+        let counters = &self.counters[index];
+        let mut used = self.reap(state);
+        match self.take_available(state, counters, &mut used) {
+            Outcome::Done => {}
+            Outcome::Fatal(reason) => {
+                log::warn!("virtio-blk queue {index}: {reason}; device needs reset");
+                state.broken = true;
+                self.interrupt.set_needs_reset();
+            }
+        }
+        self.in_flight[index].store(state.engine.in_flight(), Ordering::Relaxed);
+        if used > 0 {
+            match state.queue.needs_notification(&self.mem) {
+                Ok(true) => self.interrupt.signal_queue(index),
+                Ok(false) => QueueCounters::add(&counters.interrupts_suppressed, 1),
+                // Unreadable used_event: interrupt anyway, a spurious one is harmless.
+                Err(_) => self.interrupt.signal_queue(index),
+            }
+        }
+    }
+
+    fn take_available(
+        &self,
+        state: &mut BlkQueue,
+        counters: &QueueCounters,
+        used: &mut usize,
+    ) -> Outcome {
+        if state.queue.disable_notification(&self.mem).is_err() {
+            return Outcome::Fatal("used ring not writable");
+        }
+        loop {
+            let mut popped = 0;
+            let mut submitted = false;
+            while let Some(chain) = state.queue.pop_descriptor_chain(&self.mem) {
+                popped += 1;
+                QueueCounters::add(&counters.requests, 1);
+                let head = chain.head_index();
+                match parse(chain, &self.mem, &self.limits) {
+                    Parsed::Submit { request, status, used_len } => {
+                        let bytes = request.byte_len();
+                        match state.engine.submit(request) {
+                            Ok(()) => {
+                                QueueCounters::add(&counters.bytes, bytes);
+                                state.in_flight[usize::from(head)] =
+                                    Some(InFlight { status, used_len });
+                                submitted = true;
+                            }
+                            Err(e) => {
+                                log::debug!("virtio-blk chain {head}: engine refused: {e}");
+                                let value = if e.is_unsupported() {
+                                    VIRTIO_BLK_S_UNSUPP
+                                } else {
+                                    VIRTIO_BLK_S_IOERR
+                                };
+                                if let Some(o) = self.complete(state, head, status, value, 1) {
+                                    return o;
+                                }
+                                *used += 1;
+                            }
+                        }
+                    }
+                    Parsed::Answer { status, value, used_len } => {
+                        if let Some(o) = self.complete(state, head, status, value, used_len) {
+                            return o;
+                        }
+                        *used += 1;
+                    }
+                    Parsed::Broken { reason, fatal } => {
+                        log::debug!("virtio-blk chain {head}: {reason}");
+                        if state.queue.add_used(&self.mem, head, 0).is_err() || fatal {
+                            return Outcome::Fatal(reason);
+                        }
+                        *used += 1;
+                    }
+                }
+            }
+            if submitted {
+                if let Err(e) = state.engine.commit() {
+                    log::error!("virtio-blk: engine failed: {e}");
+                    return Outcome::Fatal("block engine failed");
+                }
+                // Some engines finish during commit.
+                *used += self.reap(state);
+            }
+            if state.engine.in_flight() > 0 {
+                // Completions will come back here; kicks meanwhile would be wasted.
+                return Outcome::Done;
+            }
+            match state.queue.enable_notification(&self.mem) {
+                Ok(false) => return Outcome::Done,
+                Ok(true) if popped == 0 => {
+                    // The driver claims more is available but nothing could be popped: its
+                    // avail index is beyond the ring.
+                    return Outcome::Fatal("available index out of range");
+                }
+                Ok(true) => continue,
+                Err(_) => return Outcome::Fatal("available ring unreadable"),
+            }
+        }
+    }
+
+    fn complete(
+        &self,
+        state: &mut BlkQueue,
+        head: u16,
+        status: GuestAddress,
+        value: u8,
+        used_len: u32,
+    ) -> Option<Outcome> {
+        // The status address was checked against guest memory when the chain was parsed.
+        let _ = self.mem.write_obj(value, status);
+        state
+            .queue
+            .add_used(&self.mem, head, used_len)
+            .err()
+            .map(|_| Outcome::Fatal("descriptor head out of range"))
+    }
+
+    fn reap(&self, state: &mut BlkQueue) -> usize {
+        let mut completions = std::mem::take(&mut state.completions);
+        state.engine.reap(&mut completions);
+        let mut used = 0;
+        for completion in completions.drain(..) {
+            let head = completion.user_data as usize;
+            let Some(in_flight) = state.in_flight.get_mut(head).and_then(Option::take) else {
+                log::error!("virtio-blk: completion for unknown head {head}");
+                continue;
+            };
+            let (value, used_len) = match completion.result {
+                Ok(_) => (VIRTIO_BLK_S_OK, in_flight.used_len),
+                Err(e) => {
+                    log::debug!("virtio-blk chain {head}: {e}");
+                    (if e.is_unsupported() { VIRTIO_BLK_S_UNSUPP } else { VIRTIO_BLK_S_IOERR }, 1)
+                }
+            };
+            if self.complete(state, head as u16, in_flight.status, value, used_len).is_some() {
+                state.broken = true;
+            }
+            used += 1;
+        }
+        state.completions = completions;
+        used
+    }
+}
+
+impl QueueHandler for BlkHandler {
+    fn process_queue(&self, queue: usize) {
+        self.run(queue);
+    }
+
+    fn completion_fd(&self, queue: usize) -> Option<RawFd> {
+        self.completion_fds.get(queue).copied().flatten()
+    }
+
+    fn process_completions(&self, queue: usize) {
+        self.run(queue);
+    }
+
+    fn busy(&self, queue: usize) -> bool {
+        self.in_flight.get(queue).is_some_and(|n| n.load(Ordering::Relaxed) > 0)
+    }
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+}
