@@ -2,6 +2,7 @@
 //! state machine that decides how each queue's kick is delivered, the I/O threads, and the
 //! devices (virtio-blk).
 
+pub mod blk;
 pub mod counters;
 pub mod device;
 pub mod io_thread;
@@ -10,4 +11,3 @@ pub mod notifier;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
-pub mod blk;

@@ -34,7 +34,12 @@ pub struct BlkOptions {
 
 impl Default for BlkOptions {
     fn default() -> Self {
-        Self { serial: None, queues: 1, queue_size: DEFAULT_QUEUE_SIZE, engine: EngineKind::Auto }
+        Self {
+            serial: None,
+            queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            engine: EngineKind::Auto,
+        }
     }
 }
 
@@ -158,7 +163,10 @@ impl VirtioDevice for VirtioBlk {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing is writable (CONFIG_WCE is not offered).
-        log::debug!("virtio-blk: {}-byte config write at {offset:#x} ignored", data.len());
+        log::debug!(
+            "virtio-blk: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        );
     }
 
     fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError> {

@@ -72,8 +72,10 @@ impl BlkHandler {
         limits: RequestLimits,
         queues: Vec<Option<BlkQueue>>,
     ) -> Self {
-        let completion_fds =
-            queues.iter().map(|q| q.as_ref().map(|q| q.engine.completion_fd())).collect();
+        let completion_fds = queues
+            .iter()
+            .map(|q| q.as_ref().map(|q| q.engine.completion_fd()))
+            .collect();
         let in_flight = queues.iter().map(|_| AtomicUsize::new(0)).collect();
         Self {
             mem,
@@ -147,7 +149,11 @@ impl BlkHandler {
                 QueueCounters::add(&counters.requests, 1);
                 let head = chain.head_index();
                 match parse(chain, &self.mem, &self.limits) {
-                    Parsed::Submit { request, status, used_len } => {
+                    Parsed::Submit {
+                        request,
+                        status,
+                        used_len,
+                    } => {
                         let bytes = request.byte_len();
                         match state.engine.submit(request) {
                             Ok(()) => {
@@ -170,7 +176,11 @@ impl BlkHandler {
                             }
                         }
                     }
-                    Parsed::Answer { status, value, used_len } => {
+                    Parsed::Answer {
+                        status,
+                        value,
+                        used_len,
+                    } => {
                         if let Some(o) = self.complete(state, head, status, value, used_len) {
                             return o;
                         }
@@ -241,10 +251,20 @@ impl BlkHandler {
                 Ok(_) => (VIRTIO_BLK_S_OK, in_flight.used_len),
                 Err(e) => {
                     log::debug!("virtio-blk chain {head}: {e}");
-                    (if e.is_unsupported() { VIRTIO_BLK_S_UNSUPP } else { VIRTIO_BLK_S_IOERR }, 1)
+                    (
+                        if e.is_unsupported() {
+                            VIRTIO_BLK_S_UNSUPP
+                        } else {
+                            VIRTIO_BLK_S_IOERR
+                        },
+                        1,
+                    )
                 }
             };
-            if self.complete(state, head as u16, in_flight.status, value, used_len).is_some() {
+            if self
+                .complete(state, head as u16, in_flight.status, value, used_len)
+                .is_some()
+            {
                 state.broken = true;
             }
             used += 1;
@@ -268,7 +288,9 @@ impl QueueHandler for BlkHandler {
     }
 
     fn busy(&self, queue: usize) -> bool {
-        self.in_flight.get(queue).is_some_and(|n| n.load(Ordering::Relaxed) > 0)
+        self.in_flight
+            .get(queue)
+            .is_some_and(|n| n.load(Ordering::Relaxed) > 0)
     }
 
     fn num_queues(&self) -> usize {

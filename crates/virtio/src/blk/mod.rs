@@ -40,3 +40,6 @@ pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest discard / write-zeroes range, in sectors (advertised in config space).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+
+#[cfg(test)]
+mod tests;

@@ -30,16 +30,28 @@ pub struct RequestLimits {
 #[derive(Debug)]
 pub enum Parsed {
     /// Hand to the engine; on completion write the status at `status` and return `used_len`.
-    Submit { request: Request, status: GuestAddress, used_len: u32 },
+    Submit {
+        request: Request,
+        status: GuestAddress,
+        used_len: u32,
+    },
     /// Answered without the engine (GET_ID, or a refused request).
-    Answer { status: GuestAddress, value: u8, used_len: u32 },
+    Answer {
+        status: GuestAddress,
+        value: u8,
+        used_len: u32,
+    },
     /// No status byte can be written: return the chain with nothing written. `fatal` when the
     /// chain itself is malformed (a loop, an index out of range): the queue is not usable.
     Broken { reason: &'static str, fatal: bool },
 }
 
 fn answer(status: GuestAddress, value: u8) -> Parsed {
-    Parsed::Answer { status, value, used_len: 1 }
+    Parsed::Answer {
+        status,
+        value,
+        used_len: 1,
+    }
 }
 
 pub fn parse(
@@ -50,21 +62,36 @@ pub fn parse(
     let head = chain.head_index();
     let descriptors: Vec<Descriptor> = chain.collect();
     let Some(last) = descriptors.last() else {
-        return Parsed::Broken { reason: "empty or unreadable descriptor chain", fatal: true };
+        return Parsed::Broken {
+            reason: "empty or unreadable descriptor chain",
+            fatal: true,
+        };
     };
     if last.has_next() {
         // The chain iterator stops after queue-size descriptors or at an index out of range:
         // a loop, or a next pointer off the table.
-        return Parsed::Broken { reason: "descriptor loop or next index out of range", fatal: true };
+        return Parsed::Broken {
+            reason: "descriptor loop or next index out of range",
+            fatal: true,
+        };
     }
     if !last.is_write_only() || last.len() == 0 {
-        return Parsed::Broken { reason: "last descriptor cannot hold the status byte", fatal: false };
+        return Parsed::Broken {
+            reason: "last descriptor cannot hold the status byte",
+            fatal: false,
+        };
     }
     let Some(status) = last.addr().checked_add(u64::from(last.len()) - 1) else {
-        return Parsed::Broken { reason: "status byte address overflows", fatal: false };
+        return Parsed::Broken {
+            reason: "status byte address overflows",
+            fatal: false,
+        };
     };
     if mem.get_slice(status, 1).is_err() {
-        return Parsed::Broken { reason: "status byte outside guest memory", fatal: false };
+        return Parsed::Broken {
+            reason: "status byte outside guest memory",
+            fatal: false,
+        };
     }
     let ioerr = |reason: &str| {
         log::debug!("virtio-blk chain {head}: {reason}");
@@ -83,7 +110,9 @@ pub fn parse(
         header_desc
             .addr()
             .checked_add(8)
-            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(header_desc.addr()))
+            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                header_desc.addr(),
+            ))
             .and_then(|a| mem.read_obj::<u64>(a)),
     ) else {
         return ioerr("header outside guest memory");
@@ -116,13 +145,16 @@ pub fn parse(
                 return ioerr("write to a read-only disk");
             }
             let total: u64 = data.iter().map(|&(_, len, _)| u64::from(len)).sum();
-            if total % SECTOR_SIZE != 0 {
+            if !total.is_multiple_of(SECTOR_SIZE) {
                 return ioerr("data length is not a multiple of 512");
             }
             let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
                 return ioerr("sector number overflows");
             };
-            if offset.checked_add(total).is_none_or(|end| end > limits.capacity_bytes) {
+            if offset
+                .checked_add(total)
+                .is_none_or(|end| end > limits.capacity_bytes)
+            {
                 return ioerr("sector past the end of the disk");
             }
             let mut buffers = Vec::with_capacity(data.len());
@@ -133,7 +165,8 @@ pub fn parse(
                 // SAFETY: the slice was bounds-checked against guest memory just now, and guest
                 // memory stays mapped for the VM's life; the buffer is only used by this request
                 // until its completion is reaped (or the engine is dropped at device reset).
-                buffers.push(unsafe { HostBuffer::new(slice.ptr_guard_mut().as_ptr(), len as usize) });
+                buffers
+                    .push(unsafe { HostBuffer::new(slice.ptr_guard_mut().as_ptr(), len as usize) });
             }
             let user_data = u64::from(head);
             let (request, used_len) = if is_read {
@@ -141,11 +174,17 @@ pub fn parse(
             } else {
                 (Request::write(offset, buffers, user_data), 1)
             };
-            Parsed::Submit { request, status, used_len }
+            Parsed::Submit {
+                request,
+                status,
+                used_len,
+            }
         }
-        VIRTIO_BLK_T_FLUSH => {
-            Parsed::Submit { request: Request::flush(u64::from(head)), status, used_len: 1 }
-        }
+        VIRTIO_BLK_T_FLUSH => Parsed::Submit {
+            request: Request::flush(u64::from(head)),
+            status,
+            used_len: 1,
+        },
         VIRTIO_BLK_T_GET_ID => {
             let Some(&(addr, len, writable)) = data.first() else {
                 return ioerr("GET_ID without a buffer");
@@ -157,7 +196,11 @@ pub fn parse(
             if mem.write_slice(&limits.serial[..n], addr).is_err() {
                 return ioerr("GET_ID buffer outside guest memory");
             }
-            Parsed::Answer { status, value: VIRTIO_BLK_S_OK, used_len: n as u32 + 1 }
+            Parsed::Answer {
+                status,
+                value: VIRTIO_BLK_S_OK,
+                used_len: n as u32 + 1,
+            }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let discard = request_type == VIRTIO_BLK_T_DISCARD;
@@ -194,7 +237,8 @@ pub fn parse(
             let offset = segment_sector.checked_mul(SECTOR_SIZE);
             let len = u64::from(num_sectors) * SECTOR_SIZE;
             let Some(offset) = offset.filter(|o| {
-                o.checked_add(len).is_some_and(|end| end <= limits.capacity_bytes)
+                o.checked_add(len)
+                    .is_some_and(|end| end <= limits.capacity_bytes)
             }) else {
                 return ioerr("segment past the end of the disk");
             };
@@ -204,7 +248,11 @@ pub fn parse(
             } else {
                 Request::write_zeroes(offset, len, flags & DISCARD_FLAG_UNMAP != 0, user_data)
             };
-            Parsed::Submit { request, status, used_len: 1 }
+            Parsed::Submit {
+                request,
+                status,
+                used_len: 1,
+            }
         }
         other => {
             log::debug!("virtio-blk chain {head}: unknown request type {other}");
