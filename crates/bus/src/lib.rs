@@ -82,7 +82,9 @@ impl Bus {
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
         let entry = {
             let mut ranges = self.ranges.write().unwrap();
-            ranges.remove(&old_base).ok_or(BusError::NotMapped(old_base))?
+            ranges
+                .remove(&old_base)
+                .ok_or(BusError::NotMapped(old_base))?
         };
         let (device, len) = (entry.device.clone(), entry.len);
         self.insert(device, new_base, len).inspect_err(|_| {
@@ -177,7 +179,10 @@ mod tests {
             Err(BusError::Overlap { .. })
         ));
         assert!(bus.insert(recorder(), 0x1010, 1).is_ok());
-        assert!(matches!(bus.insert(recorder(), 0x5000, 0), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(recorder(), 0x5000, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(recorder(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })
@@ -202,6 +207,9 @@ mod tests {
         bus.insert(recorder(), 0x2000, 0x10).unwrap();
         assert!(bus.relocate(0x1000, 0x2008).is_err());
         assert!(bus.write(0x1000, &[1]));
-        assert_eq!(bus.relocate(0x3000, 0x4000), Err(BusError::NotMapped(0x3000)));
+        assert_eq!(
+            bus.relocate(0x3000, 0x4000),
+            Err(BusError::NotMapped(0x3000))
+        );
     }
 }
