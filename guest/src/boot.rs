@@ -10,7 +10,7 @@ use core::arch::global_asm;
 use core::sync::atomic::AtomicU64;
 
 /// Upper bound on the CPUs the guest brings up (GDT TSS slots, stacks).
-pub const MAX_CPUS: usize = 64;
+pub const MAX_CPUS: usize = 32;
 /// GDT selector of the first TSS; CPU `i` uses `FIRST_TSS_SELECTOR + 16 * i`.
 pub const FIRST_TSS_SELECTOR: usize = 0x30;
 /// Bytes in a TSS with its I/O permission bitmap and terminator byte.
@@ -18,7 +18,8 @@ pub const TSS_BYTES: usize = 104 + 8192 + 1;
 /// Physical address the AP trampoline is copied to (SIPI vector 0x08).
 pub const AP_TRAMPOLINE_ADDR: usize = 0x8000;
 pub const KERNEL_STACK_BYTES: usize = 8 * 1024;
-pub const USER_STACK_BYTES: usize = 128 * 1024;
+/// The BSP's user stack; workloads keep big state off the stack, but not all.
+pub const USER_STACK_BYTES: usize = 1024 * 1024;
 
 /// Interrupts taken per vector (all CPUs), counted by the CPL0 stubs.
 #[no_mangle]
@@ -212,6 +213,7 @@ interrupt_common:
     /* ---- tables ---- */
     .section .data.boot_tables, "aw"
     .balign 4096
+    .global pml4
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0

@@ -7,14 +7,20 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
+mod dma;
 mod lapic;
 mod mem;
+mod paging;
+mod pci;
 mod serial;
 mod smp;
 mod start_info;
+mod sync;
 mod topology;
 mod tsc;
+mod virtio;
 mod workloads;
 mod x86;
 
@@ -59,6 +65,7 @@ fn copy_start_info(info: &StartInfo) -> (Cmdline, &'static [MemmapEntry]) {
 extern "C" fn bsp_main() -> ! {
     serial::init();
     lapic::enable();
+    smp::init_bsp();
     // SAFETY: written once by the PVH entry before any Rust ran.
     let paddr = unsafe { core::ptr::read_volatile(&boot::start_info_paddr) } as u64;
     let Some(info) = StartInfo::read(paddr) else {
@@ -66,6 +73,7 @@ extern "C" fn bsp_main() -> ! {
         finish(false);
     };
     let (cmdline, memmap) = copy_start_info(&info);
+    dma::init(memmap);
     let tsc_source = tsc::init();
     let cpus = topology::discover(info.rsdp_paddr);
     let (cpus_listed, cpu_source) = match &cpus {

@@ -11,9 +11,9 @@ use crate::boot::{
 use crate::topology::Cpus;
 use crate::{lapic, tsc, x86::pause};
 use core::ptr::addr_of_mut;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
-const AP_USER_STACK_BYTES: usize = 64 * 1024;
+const AP_USER_STACK_BYTES: usize = 256 * 1024;
 const TSS_RSP0_OFFSET: usize = 4;
 const TSS_IOMAP_BASE_OFFSET: usize = 102;
 const TSS_HEADER_BYTES: u16 = 104;
@@ -35,6 +35,17 @@ static mut AP_USER_STACKS: [UserStack; MAX_CPUS] = [const { UserStack([0; AP_USE
 static CPUS_STARTED: AtomicUsize = AtomicUsize::new(1);
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
 static STARTED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static APIC_IDS: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
+
+/// Records the BSP's xAPIC id as CPU 0's.
+pub fn init_bsp() {
+    APIC_IDS[0].store(lapic::id(), Ordering::Relaxed);
+}
+
+/// The xAPIC id of CPU `index`.
+pub fn apic_id(index: usize) -> u8 {
+    APIC_IDS[index].load(Ordering::Relaxed)
+}
 
 /// Number of CPUs running Rust at CPL3 (BSP included).
 pub fn started() -> usize {
@@ -96,6 +107,7 @@ pub fn start_aps(cpus: &Cpus, timeout_ms: u64) -> usize {
             continue;
         }
         index_to_apic[n] = id;
+        APIC_IDS[n].store(id, Ordering::Relaxed);
         // SAFETY: only the BSP writes the table, before any SIPI.
         unsafe { (*addr_of_mut!(APIC_ID_TO_CPU))[id as usize] = n as u8 };
         prepare_cpu(n);

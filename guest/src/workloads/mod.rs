@@ -2,8 +2,12 @@
 
 use crate::{println, Boot};
 
+mod blk_bench;
+mod blk_verify;
+mod disks;
 mod fault;
 mod info;
+mod kick_bench;
 
 /// Runs the workload the command line names; true if it succeeded.
 pub fn run(boot: &Boot) -> bool {
@@ -12,6 +16,9 @@ pub fn run(boot: &Boot) -> bool {
         "info" => info::run(boot),
         "fault" => fault::run(),
         "exception" => fault::run_exception(),
+        "blk-verify" => blk_verify::run(boot),
+        "blk-bench" => blk_bench::run(boot),
+        "kick-bench" => kick_bench::run(boot),
         other => {
             println!("RESULT workload={} status=fail reason=unknown-workload", other);
             false

@@ -1,0 +1,107 @@
+//! What the block workloads share: driver options from the command line,
+//! and finding and opening the virtio-blk disks.
+
+use crate::blk::{self, Completion, Disk, Options};
+use crate::start_info::Cmdline;
+use crate::virtio::Kind;
+use crate::{pci, println, smp};
+
+pub const MAX_DISKS: usize = 8;
+
+/// Why a workload could not start; printed as `reason=...`.
+pub struct Failure {
+    pub reason: &'static str,
+    pub detail: &'static str,
+}
+
+fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, Failure> {
+    match cmdline.get(key) {
+        None => Ok(default),
+        Some("on") | Some("1") | Some("yes") => Ok(true),
+        Some("off") | Some("0") | Some("no") => Ok(false),
+        Some(_) => Err(Failure { reason: "bad-argument", detail: key }),
+    }
+}
+
+/// Reads `transport=`, `completion=`, `event_idx=`, `indirect=`.
+pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Failure> {
+    let kind = match cmdline.get_or("transport", "modern") {
+        "modern" => Kind::Modern,
+        "legacy" => Kind::Legacy,
+        _ => return Err(Failure { reason: "bad-argument", detail: "transport" }),
+    };
+    let completion = match cmdline.get_or("completion", "poll") {
+        "poll" => Completion::Poll,
+        "irq" => Completion::Irq,
+        _ => return Err(Failure { reason: "bad-argument", detail: "completion" }),
+    };
+    Ok(Options {
+        kind,
+        completion,
+        event_idx: on_off(cmdline, "event_idx", true)?,
+        indirect: on_off(cmdline, "indirect", true)?,
+        queues: smp::online(),
+        max_request_bytes,
+    })
+}
+
+pub struct Disks {
+    pub disks: [Option<Disk>; MAX_DISKS],
+    pub count: usize,
+}
+
+impl Disks {
+    pub fn iter(&self) -> impl Iterator<Item = &Disk> {
+        self.disks[..self.count].iter().flatten()
+    }
+}
+
+/// Big, so kept off the stack; a run opens its disks once.
+static mut DISKS: Disks = Disks { disks: [const { None }; MAX_DISKS], count: 0 };
+
+/// Opens every virtio-blk function on bus 0 (at most `limit`), in
+/// bus/device/function order, printing a `DISK` line for each.
+pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure> {
+    let bus = pci::enumerate();
+    // SAFETY: only the BSP opens disks, once per run, before any thread
+    // uses them.
+    let disks = unsafe { &mut *core::ptr::addr_of_mut!(DISKS) };
+    for f in bus.iter().filter(|f| blk::is_blk(f)) {
+        if disks.count >= limit.min(MAX_DISKS) {
+            break;
+        }
+        let disk = blk::open(*f, opts).map_err(|e| {
+            println!("DISK index={} pci={} error={}", disks.count, f.addr, e.reason());
+            Failure { reason: e.reason(), detail: "" }
+        })?;
+        println!(
+            "DISK index={} pci={} transport={} sectors={} blk_size={} ro={} queues={} features={:#x} event_idx={} indirect={}",
+            disks.count,
+            f.addr,
+            disk.transport.kind.name(),
+            disk.capacity,
+            disk.blk_size,
+            disk.read_only as u8,
+            disk.queue_count,
+            disk.features,
+            disk.has(crate::virtio::F_EVENT_IDX) as u8,
+            disk.has(crate::virtio::F_INDIRECT_DESC) as u8,
+        );
+        disks.disks[disks.count] = Some(disk);
+        disks.count += 1;
+    }
+    if disks.count == 0 {
+        return Err(Failure { reason: "no-disk", detail: "" });
+    }
+    Ok(disks)
+}
+
+/// Prints the `RESULT` line of a workload that could not start.
+pub fn report_failure(workload: &str, f: &Failure) -> bool {
+    if f.detail.is_empty() {
+        println!("RESULT workload={} status=fail reason={}", workload, f.reason);
+    } else {
+        println!("RESULT workload={} status=fail reason={} key={}", workload, f.reason, f.detail);
+    }
+    false
+}
