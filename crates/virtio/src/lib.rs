@@ -2,7 +2,9 @@
 //! state machine that decides how each queue's kick is delivered, the I/O threads, and the
 //! devices (virtio-blk).
 
+pub mod attach;
 pub mod blk;
+pub mod config;
 pub mod counters;
 pub mod device;
 pub mod io_thread;
@@ -11,3 +13,7 @@ pub mod notifier;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
+
+pub use attach::{AttachError, PciDevices, PciOptions, SharedVirtioDevice};
+pub use config::{BlkConfig, BlkConfigError};
+pub use transport::{TransportKind, VirtioPciDevice};

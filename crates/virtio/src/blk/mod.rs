@@ -9,7 +9,7 @@ mod device;
 mod handler;
 mod request;
 
-pub use device::{BlkDeviceError, BlkOptions, VirtioBlk};
+pub use device::{BlkDeviceError, BlkOptions, VirtioBlk, DEFAULT_QUEUE_SIZE, MAX_QUEUES};
 
 pub const VIRTIO_BLK_TYPE: u16 = 2;
 

@@ -1,0 +1,225 @@
+//! The VMM's entry point to PCI and virtio: [`PciDevices`] puts the PCI root on the port-I/O
+//! bus, owns GSI routing and the ioeventfd registrar, and creates and attaches devices.
+//!
+//! ```text
+//! let mut pci = PciDevices::new(vm_fd.clone(), memory.clone(), pio_bus.clone(), mmio_bus.clone(),
+//!                               PciOptions::default())?;
+//! for disk in &config.disks {            // Vec<BlkConfig>, parsed from each --disk
+//!     pci.add_disk(disk)?;
+//! }
+//! // keep `pci` alive for the VM's life; pci.device("disk0") for the control API
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kickvm_block::{BlockError, DiskImage, DiskOptions};
+use kickvm_bus::{Bus, BusError};
+use kickvm_pci::{
+    BarAllocator, GsiRouter, IrqChip, IrqError, PciConfigIo, PciError, PciRoot, PCI_CONFIG_IO_BASE,
+    PCI_CONFIG_IO_LEN,
+};
+use vm_memory::GuestMemoryMmap;
+
+use crate::blk::{BlkDeviceError, BlkOptions, VirtioBlk};
+use crate::config::BlkConfig;
+use crate::ioevent::{CappedRegistrar, IoeventRegistrar};
+use crate::transport::{TransportError, TransportOptions, VirtioPciDevice};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("cannot put the PCI configuration ports on the I/O bus: {0}")]
+    ConfigPorts(BusError),
+    #[error("cannot install the GSI routing table: {0}")]
+    Routing(IrqError),
+    #[error("disk {id}: {source}")]
+    Image { id: String, source: BlockError },
+    #[error("disk {id}: {source}")]
+    Device { id: String, source: BlkDeviceError },
+    #[error("disk {id}: {source}")]
+    Transport { id: String, source: TransportError },
+    #[error("disk {id}: {source}")]
+    Pci { id: String, source: PciError },
+    #[error("two devices are called `{0}`")]
+    DuplicateId(String),
+}
+
+/// VM-wide PCI options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PciOptions {
+    /// `--max-ioeventfds N`: refuse registrations beyond N, as a kernel with a small I/O bus
+    /// would; devices that hit it stay in sync mode.
+    pub max_ioeventfds: Option<usize>,
+    /// Give devices INTx lines (level, resample) for guests without MSI-X.
+    pub intx: bool,
+}
+
+pub type SharedVirtioDevice = Arc<Mutex<VirtioPciDevice>>;
+
+pub struct PciDevices {
+    root: Arc<Mutex<PciRoot>>,
+    allocator: BarAllocator,
+    router: Arc<GsiRouter>,
+    registrar: Arc<dyn IoeventRegistrar>,
+    mem: GuestMemoryMmap,
+    options: PciOptions,
+    devices: Vec<(String, SharedVirtioDevice)>,
+    disks: usize,
+}
+
+impl PciDevices {
+    /// On KVM: irqfds, GSI routing and ioeventfds go to `vm` (which must have an in-kernel
+    /// irqchip).
+    pub fn new(
+        vm: Arc<kvm_ioctls::VmFd>,
+        mem: GuestMemoryMmap,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        options: PciOptions,
+    ) -> Result<Self, AttachError> {
+        Self::with_backends(vm.clone(), vm, mem, pio, mmio, options)
+    }
+
+    /// With any irqchip and ioeventfd implementation (tests use mocks).
+    pub fn with_backends(
+        chip: Arc<dyn IrqChip>,
+        registrar: Arc<dyn IoeventRegistrar>,
+        mem: GuestMemoryMmap,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        options: PciOptions,
+    ) -> Result<Self, AttachError> {
+        let root = Arc::new(Mutex::new(PciRoot::new(pio.clone(), mmio)));
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            PCI_CONFIG_IO_BASE,
+            PCI_CONFIG_IO_LEN,
+        )
+        .map_err(AttachError::ConfigPorts)?;
+        let router = Arc::new(GsiRouter::new(chip));
+        router.install().map_err(AttachError::Routing)?;
+        let registrar: Arc<dyn IoeventRegistrar> = match options.max_ioeventfds {
+            Some(max) => Arc::new(CappedRegistrar::new(registrar, max)),
+            None => registrar,
+        };
+        Ok(Self {
+            root,
+            allocator: BarAllocator::default(),
+            router,
+            registrar,
+            mem,
+            options,
+            devices: Vec::new(),
+            disks: 0,
+        })
+    }
+
+    /// The GSI routing owner: anything else that needs MSI routes must go through it.
+    pub fn router(&self) -> &Arc<GsiRouter> {
+        &self.router
+    }
+
+    pub fn root(&self) -> &Arc<Mutex<PciRoot>> {
+        &self.root
+    }
+
+    /// Opens the image, builds a virtio-blk device behind a virtio-pci transport, and places it
+    /// in the next free slot with its BARs mapped. Returns the device's id.
+    pub fn add_disk(&mut self, config: &BlkConfig) -> Result<String, AttachError> {
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("disk{}", self.disks));
+        if self.device(&id).is_some() {
+            return Err(AttachError::DuplicateId(id));
+        }
+        let image = DiskImage::open(
+            &config.path,
+            DiskOptions {
+                readonly: config.readonly,
+                direct: config.direct,
+            },
+        )
+        .map_err(|source| AttachError::Image {
+            id: id.clone(),
+            source,
+        })?;
+        let blk = VirtioBlk::new(
+            Arc::new(image),
+            BlkOptions {
+                serial: config.serial.clone(),
+                queues: config.queues,
+                queue_size: config.queue_size,
+                engine: config.engine,
+            },
+        )
+        .map_err(|source| AttachError::Device {
+            id: id.clone(),
+            source,
+        })?;
+        let pci_err = |source| AttachError::Pci {
+            id: id.clone(),
+            source,
+        };
+        let slot = self.root.lock().unwrap().free_slot().map_err(pci_err)?;
+        let transport = VirtioPciDevice::new(
+            &id,
+            Box::new(blk),
+            self.mem.clone(),
+            TransportOptions {
+                kind: config.transport,
+                ioeventfd: config.ioeventfd,
+                poll: Duration::from_micros(u64::from(config.poll_us)),
+                intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
+            },
+            self.router.clone(),
+            self.registrar.clone(),
+        )
+        .map_err(|source| AttachError::Transport {
+            id: id.clone(),
+            source,
+        })?;
+        let device = Arc::new(Mutex::new(transport));
+        self.root
+            .lock()
+            .unwrap()
+            .add_device(slot, device.clone(), &mut self.allocator)
+            .map_err(|source| AttachError::Pci {
+                id: id.clone(),
+                source,
+            })?;
+        log::info!(
+            "{id}: {} at 00:{slot:02x}.0 ({}, ioeventfd={})",
+            config.path.display(),
+            config.transport.name(),
+            if config.ioeventfd { "on" } else { "off" }
+        );
+        self.devices.push((id.clone(), device));
+        self.disks += 1;
+        Ok(id)
+    }
+
+    pub fn device(&self, id: &str) -> Option<SharedVirtioDevice> {
+        self.devices
+            .iter()
+            .find(|(name, _)| name == id)
+            .map(|(_, d)| d.clone())
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &SharedVirtioDevice)> {
+        self.devices.iter().map(|(id, d)| (id.as_str(), d))
+    }
+
+    /// VM pause: every device stops taking kicks and drains its requests in flight.
+    pub fn pause_all(&self) {
+        for (_, device) in &self.devices {
+            device.lock().unwrap().pause();
+        }
+    }
+
+    pub fn resume_all(&self) {
+        for (_, device) in &self.devices {
+            device.lock().unwrap().resume();
+        }
+    }
+}

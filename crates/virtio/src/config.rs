@@ -1,0 +1,232 @@
+//! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
+//! [,direct=on][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync]
+//! [,poll_us=N]` parsed into a [`BlkConfig`].
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use kickvm_block::EngineKind;
+
+use crate::blk::VIRTIO_BLK_ID_BYTES;
+use crate::transport::TransportKind;
+
+/// Default bound on the I/O thread's busy polling while requests are in flight.
+pub const DEFAULT_POLL_US: u32 = 50;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlkConfigError {
+    #[error("--disk needs path=PATH")]
+    MissingPath,
+    #[error("--disk: unknown option `{0}` (known: path, readonly, ioeventfd, transport, direct, serial, queues, id, queue_size, engine, poll_us)")]
+    UnknownOption(String),
+    #[error("--disk: option `{0}` given twice")]
+    Duplicate(String),
+    #[error("--disk: `{key}={value}`: expected {expected}")]
+    BadValue {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("--disk: serial `{0}` is longer than the 20 bytes virtio-blk can report")]
+    SerialTooLong(String),
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The notify-path property: kicks through ioeventfd to the I/O thread (on) or as exits
+    /// handled on the vCPU thread (off).
+    pub ioeventfd: bool,
+    pub transport: TransportKind,
+    /// Open with O_DIRECT (bypass the host page cache).
+    pub direct: bool,
+    pub serial: Option<String>,
+    pub queues: u16,
+    /// The device's name in reports and the control API; `disk<N>` by default.
+    pub id: Option<String>,
+    pub queue_size: u16,
+    pub engine: EngineKind,
+    pub poll_us: u32,
+}
+
+impl Default for BlkConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            readonly: false,
+            ioeventfd: true,
+            transport: TransportKind::Transitional,
+            direct: false,
+            serial: None,
+            queues: 1,
+            id: None,
+            queue_size: crate::blk::DEFAULT_QUEUE_SIZE,
+            engine: EngineKind::Auto,
+            poll_us: DEFAULT_POLL_US,
+        }
+    }
+}
+
+fn bad(key: &str, value: &str, expected: &'static str) -> BlkConfigError {
+    BlkConfigError::BadValue {
+        key: key.into(),
+        value: value.into(),
+        expected,
+    }
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, BlkConfigError> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(bad(key, value, "on or off")),
+    }
+}
+
+impl FromStr for BlkConfig {
+    type Err = BlkConfigError;
+
+    fn from_str(s: &str) -> Result<Self, BlkConfigError> {
+        let mut config = BlkConfig::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for item in s.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            if seen.contains(&key) {
+                return Err(BlkConfigError::Duplicate(key.into()));
+            }
+            seen.push(key);
+            match key {
+                "path" if !value.is_empty() => config.path = PathBuf::from(value),
+                "path" => return Err(BlkConfigError::MissingPath),
+                "readonly" => config.readonly = on_off(key, value)?,
+                "ioeventfd" => config.ioeventfd = on_off(key, value)?,
+                "direct" => config.direct = on_off(key, value)?,
+                "transport" => {
+                    config.transport = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "transitional, modern or legacy"))?
+                }
+                "serial" => {
+                    if value.len() > VIRTIO_BLK_ID_BYTES {
+                        return Err(BlkConfigError::SerialTooLong(value.into()));
+                    }
+                    config.serial = Some(value.into());
+                }
+                "queues" => {
+                    config.queues = value
+                        .parse()
+                        .ok()
+                        .filter(|&n| (1..=crate::blk::MAX_QUEUES).contains(&n))
+                        .ok_or_else(|| bad(key, value, "a number of queues from 1 to 64"))?
+                }
+                "queue_size" => {
+                    config.queue_size = value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| n.is_power_of_two() && (4..=32768).contains(n))
+                        .ok_or_else(|| bad(key, value, "a power of two from 4 to 32768"))?
+                }
+                "id" if !value.is_empty() && !value.contains(char::is_whitespace) => {
+                    config.id = Some(value.into())
+                }
+                "id" => return Err(bad(key, value, "a name without spaces")),
+                "engine" => {
+                    config.engine = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "auto, io_uring, threads or sync"))?
+                }
+                "poll_us" => {
+                    config.poll_us = value
+                        .parse()
+                        .ok()
+                        .filter(|&n| n <= 1_000_000)
+                        .ok_or_else(|| bad(key, value, "microseconds from 0 to 1000000"))?
+                }
+                other => return Err(BlkConfigError::UnknownOption(other.into())),
+            }
+        }
+        if config.path.as_os_str().is_empty() {
+            return Err(BlkConfigError::MissingPath);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_alone_gives_the_defaults() {
+        let c: BlkConfig = "path=/img".parse().unwrap();
+        assert_eq!(
+            c,
+            BlkConfig {
+                path: "/img".into(),
+                ..Default::default()
+            }
+        );
+        assert!(c.ioeventfd);
+        assert_eq!(c.transport, TransportKind::Transitional);
+    }
+
+    #[test]
+    fn every_option_is_parsed() {
+        let c: BlkConfig = "path=/a.img,readonly=on,ioeventfd=off,transport=legacy,direct=on,\
+                            serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,poll_us=0"
+            .parse()
+            .unwrap();
+        assert!(c.readonly && !c.ioeventfd && c.direct);
+        assert_eq!(c.transport, TransportKind::Legacy);
+        assert_eq!(c.serial.as_deref(), Some("SN1"));
+        assert_eq!((c.queues, c.queue_size, c.poll_us), (2, 128, 0));
+        assert_eq!(c.id.as_deref(), Some("boot"));
+        assert_eq!(c.engine, EngineKind::Sync);
+    }
+
+    #[test]
+    fn mistakes_get_typed_errors() {
+        let err = |s: &str| s.parse::<BlkConfig>().unwrap_err();
+        assert_eq!(err("readonly=on"), BlkConfigError::MissingPath);
+        assert_eq!(err("path="), BlkConfigError::MissingPath);
+        assert_eq!(
+            err("path=/a,bogus=1"),
+            BlkConfigError::UnknownOption("bogus".into())
+        );
+        assert_eq!(
+            err("path=/a,path=/b"),
+            BlkConfigError::Duplicate("path".into())
+        );
+        assert!(matches!(
+            err("path=/a,ioeventfd=maybe"),
+            BlkConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,transport=pci"),
+            BlkConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,queues=0"),
+            BlkConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,queue_size=100"),
+            BlkConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,serial=123456789012345678901"),
+            BlkConfigError::SerialTooLong(_)
+        ));
+    }
+
+    #[test]
+    fn error_messages_name_the_option_and_what_was_expected() {
+        let e = "path=/a,ioeventfd=maybe".parse::<BlkConfig>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--disk: `ioeventfd=maybe`: expected on or off"
+        );
+    }
+}
