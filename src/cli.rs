@@ -71,6 +71,18 @@ pub struct RunArgs {
     /// KVM is kvm_pvm, else host).
     #[arg(long, value_name = "auto|host|pvm-safe", default_value = "auto")]
     pub cpu: CpuConfig,
+
+    /// A virtio-blk disk on a raw image; repeatable. `path=PATH[,readonly=on]
+    /// [,ioeventfd=on|off][,transport=transitional|modern|legacy][,direct=on][,serial=ID]
+    /// [,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync][,poll_us=N]`.
+    /// ioeventfd=on (default): kicks go to the disk's I/O thread without a userspace exit.
+    #[arg(long, value_name = "path=PATH,...")]
+    pub disk: Vec<kickvm_virtio::BlkConfig>,
+
+    /// Refuse KVM ioeventfd registrations beyond N (as a kernel with a small I/O bus does);
+    /// devices that hit the cap run their queues in sync mode.
+    #[arg(long, value_name = "N")]
+    pub max_ioeventfds: Option<usize>,
 }
 
 /// Everything needed to build a VM; the CLI is one way to make it.
@@ -83,6 +95,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub serial: SerialConfig,
     pub cpu: CpuConfig,
+    pub disks: Vec<kickvm_virtio::BlkConfig>,
+    pub max_ioeventfds: Option<usize>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -95,6 +109,8 @@ impl From<RunArgs> for VmConfig {
             memory_bytes: args.memory,
             serial: args.serial,
             cpu: args.cpu,
+            disks: args.disk,
+            max_ioeventfds: args.max_ioeventfds,
         }
     }
 }

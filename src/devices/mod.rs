@@ -4,4 +4,5 @@
 
 pub mod acpi;
 pub mod i8042;
+pub mod pci_devices;
 pub mod serial;

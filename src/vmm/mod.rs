@@ -59,6 +59,8 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Pci(#[from] kickvm_virtio::AttachError),
     #[error("cannot place {what} on the {bus} bus: {source}")]
     Bus {
         what: &'static str,
@@ -77,6 +79,12 @@ impl VmError {
             | VmError::SerialFile { .. } => true,
             VmError::Boot(e) => e.is_config_error(),
             VmError::Memory(MemoryError::Map { .. }) => true,
+            VmError::Pci(e) => matches!(
+                e,
+                kickvm_virtio::AttachError::Image { .. }
+                    | kickvm_virtio::AttachError::Device { .. }
+                    | kickvm_virtio::AttachError::DuplicateId(_)
+            ),
             _ => false,
         }
     }
@@ -101,6 +109,8 @@ pub struct Vm {
     serial: Option<Arc<Mutex<SerialDevice>>>,
     serial_to_stdout: bool,
     vcpus: Vec<VcpuFd>,
+    /// PCI root, GSI routing and the virtio devices; their I/O threads live as long as this.
+    pci: kickvm_virtio::PciDevices,
     // Kept open for the VM's lifetime: the VmFd does not hold a reference to it.
     _kvm: Kvm,
 }
@@ -175,6 +185,16 @@ impl Vm {
             layout::ACPI_SHUTDOWN_PORT_LEN,
         )?;
 
+        let vm_fd = Arc::new(vm_fd);
+        let pci = crate::devices::pci_devices::attach(
+            &vm_fd,
+            &memory,
+            &pio_bus,
+            &mmio_bus,
+            &config.disks,
+            config.max_ioeventfds,
+        )?;
+
         let entry = boot::load(
             &memory,
             &BootConfig {
@@ -211,7 +231,7 @@ impl Vm {
         }
 
         Ok(Vm {
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             memory,
             pio_bus,
             mmio_bus,
@@ -219,6 +239,7 @@ impl Vm {
             serial,
             serial_to_stdout,
             vcpus,
+            pci,
             _kvm: kvm,
         })
     }
@@ -237,6 +258,11 @@ impl Vm {
 
     pub fn mmio_bus(&self) -> &Arc<Bus> {
         &self.mmio_bus
+    }
+
+    /// The PCI devices (`--disk`), by id, for reports and run-time control.
+    pub fn pci(&self) -> &kickvm_virtio::PciDevices {
+        &self.pci
     }
 
     /// Devices that can end the VM (reset, power-off) report through this.
