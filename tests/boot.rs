@@ -27,7 +27,10 @@ fn assert_cpus(cpus: u8) {
     let expected = cpus.to_string();
     assert_eq!(result["cpus"], expected, "CPUs listed:\n{output}");
     assert_eq!(result["cpus_started"], expected, "CPUs started:\n{output}");
-    assert_eq!(result["cpu_table"], "mptable", "{output}");
+    assert_eq!(
+        result["cpu_table"], "acpi",
+        "CPUs come from the MADT:\n{output}"
+    );
 }
 
 /// The guest reports RAM rounded to the nearest MiB; the BIOS area (under 1 MiB) that the

@@ -1,5 +1,6 @@
-//! The one ACPI register kickvm implements: a sleep-control port at 0x600 where writing
-//! SLP_TYP=5 | SLP_EN (0x34, the value cloud-hypervisor's guests write for S5) powers off.
+//! The ACPI registers of kickvm's hardware-reduced platform (see the FADT): sleep control at
+//! 0x600, where writing SLP_TYP=5 | SLP_EN (0x34, as for cloud-hypervisor) powers off, and
+//! sleep status at 0x601, which reads as zero.
 
 use std::sync::Arc;
 
@@ -27,8 +28,11 @@ impl BusDevice for AcpiShutdown {
         data.fill(0);
     }
 
-    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        if offset != 0 {
+            return;
+        }
         let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
         if value & SLEEP_ENABLE != 0 && sleep_type == SLEEP_TYPE_S5 {
             log::info!("guest entered ACPI S5: powering off");

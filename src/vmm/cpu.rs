@@ -130,6 +130,17 @@ pub fn base_cpuid(kvm: &Kvm, model: CpuModel, tsc_khz: Option<u32>) -> Result<Cp
     if let Some(khz) = tsc_khz {
         cpuid = with_timing_leaf(&cpuid, khz);
     }
+    for e in cpuid.as_slice() {
+        log::trace!(
+            "KVM CPUID {:#010x}.{}: eax={:#010x} ebx={:#010x} ecx={:#010x} edx={:#010x}",
+            e.function,
+            e.index,
+            e.eax,
+            e.ebx,
+            e.ecx,
+            e.edx
+        );
+    }
     if model == CpuModel::PvmSafe {
         let hidden = hide_pvm_unsafe_features(&mut cpuid);
         if hidden.is_empty() {

@@ -36,6 +36,8 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 
 /// Extended BIOS data area (reserved in the memory map from here to 1 MiB).
 pub const EBDA_START: u64 = 0x9_fc00;
+/// ACPI tables (RSDP first) in the BIOS area that guests scan for the RSDP.
+pub const ACPI_START: u64 = 0xe_0000;
 /// The MP table goes in the BIOS ROM segment, which every MP-table scanner searches and which
 /// (unlike the 1 KiB left in the EBDA) holds 254 processor entries.
 pub const MPTABLE_START: u64 = 0xf_0000;
@@ -74,7 +76,8 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
 pub const ACPI_SHUTDOWN_PORT: u64 = 0x600;
-pub const ACPI_SHUTDOWN_PORT_LEN: u64 = 1;
+/// Sleep control (0x600) and sleep status (0x601) registers of the hardware-reduced FADT.
+pub const ACPI_SHUTDOWN_PORT_LEN: u64 = 2;
 
 /// GSIs 0..23 are IOAPIC pins; MSI routes are allocated from here upward.
 pub const IOAPIC_PINS: u32 = 24;

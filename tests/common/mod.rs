@@ -126,18 +126,9 @@ pub fn spawn_kickvm(args: &[&str]) -> Child {
 /// Waits for `child` at most `timeout` (then kills it), collecting its output.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> RunOutput {
     let start = Instant::now();
-    let mut stdout_pipe = child.stdout.take().expect("stdout is piped");
-    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
-    let stdout_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let stderr_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr_pipe.read_to_end(&mut buf);
-        buf
-    });
+    // A caller may have taken a pipe to read it live; then that output is not collected here.
+    let stdout_reader = spawn_collector(child.stdout.take());
+    let stderr_reader = spawn_collector(child.stderr.take());
     let mut timed_out = false;
     let status: ExitStatus = loop {
         if let Some(status) = child.try_wait().expect("waiting for kickvm") {
@@ -158,6 +149,16 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> RunOutput {
         stderr: String::from_utf8_lossy(&stderr_reader.join().unwrap()).into_owned(),
         elapsed,
     }
+}
+
+fn spawn_collector<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 pub fn run_kickvm(args: &[&str], timeout: Duration) -> RunOutput {

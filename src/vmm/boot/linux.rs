@@ -31,6 +31,7 @@ pub fn configure(
     config: &BootConfig,
     loaded: &KernelLoaderResult,
     entry: u64,
+    rsdp: u64,
 ) -> Result<BootEntry, BootError> {
     let mut params = boot_params::default();
     if let Some(hdr) = loaded.setup_header {
@@ -43,6 +44,7 @@ pub fn configure(
         params.hdr.version = 0x020c;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.acpi_rsdp_addr = rsdp;
 
     let cmdline_max = if params.hdr.version >= 0x0206 && params.hdr.cmdline_size != 0 {
         params.hdr.cmdline_size as usize + 1

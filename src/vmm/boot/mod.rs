@@ -3,6 +3,7 @@
 //! an ELF with a PVH note boots through PVH (32-bit entry, `hvm_start_info`), any other ELF
 //! vmlinux and every bzImage through the Linux 64-bit boot protocol (`boot_params`).
 
+pub mod acpi;
 pub mod linux;
 pub mod mptable;
 pub mod pvh;
@@ -137,6 +138,10 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
         source,
     };
 
+    // Firmware tables first: they live below 1 MiB, where no kernel loads.
+    let rsdp = acpi::write(mem, config.cpus)?;
+    mptable::write(mem, config.cpus)?;
+
     let entry = match detect_format(&mut kernel).map_err(|source| BootError::OpenKernel {
         path: config.kernel.to_path_buf(),
         source,
@@ -152,12 +157,12 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
             match loaded.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(entry) => {
                     log::info!("PVH kernel, entry {:#x}", entry.0);
-                    pvh::configure(mem, config, &loaded, entry.0)?
+                    pvh::configure(mem, config, &loaded, entry.0, rsdp)?
                 }
                 _ => {
                     log::info!("ELF vmlinux, 64-bit entry {:#x}", loaded.kernel_load.0);
                     let entry = loaded.kernel_load.0;
-                    linux::configure(mem, config, &loaded, entry)?
+                    linux::configure(mem, config, &loaded, entry, rsdp)?
                 }
             }
         }
@@ -176,7 +181,7 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
                 "bzImage at {:#x}, 64-bit entry {entry:#x}",
                 loaded.kernel_load.0
             );
-            linux::configure(mem, config, &loaded, entry)?
+            linux::configure(mem, config, &loaded, entry, rsdp)?
         }
         KernelFormat::Unknown => {
             return Err(BootError::UnknownKernelFormat {
@@ -184,7 +189,6 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
             })
         }
     };
-    mptable::write(mem, config.cpus)?;
     Ok(entry)
 }
 

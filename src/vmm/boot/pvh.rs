@@ -26,6 +26,7 @@ pub fn configure(
     config: &BootConfig,
     loaded: &KernelLoaderResult,
     entry: u64,
+    rsdp: u64,
 ) -> Result<BootEntry, BootError> {
     write_cmdline(mem, config.cmdline, layout::CMDLINE_MAX_SIZE)?;
 
@@ -48,8 +49,7 @@ pub fn configure(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
-        // No ACPI tables: the guest finds the CPUs in the MP table.
-        rsdp_paddr: 0,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
 
