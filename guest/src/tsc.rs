@@ -61,28 +61,56 @@ const PIT_HZ: u64 = 1_193_182;
 const PIT_CONTROL: u16 = 0x43;
 const PIT_CHANNEL2: u16 = 0x42;
 const SPEAKER_PORT: u16 = 0x61;
-const CALIBRATION_TICKS: u64 = 23_864; // ~20 ms
+/// PIT ticks between the two samples (~5 ms).
+const CALIBRATION_TICKS: u16 = 5_966;
+/// Samples per end point; the one whose latch exit was quickest wins.
+const SAMPLES: usize = 4;
 
-/// Counts TSC ticks while PIT channel 2 counts down ~10 ms once.
+/// Latches PIT channel 2 and returns (TSC at the latch, count). The TSC is
+/// the midpoint around the latch command, whose exit may be slow or
+/// preempted; `window` says how uncertain the pairing is.
+fn sample() -> (u64, u16, u64) {
+    let before = rdtsc();
+    outb(PIT_CONTROL, 0b1000_0000); // latch channel 2
+    let after = rdtsc();
+    let low = inb(PIT_CHANNEL2) as u16;
+    let high = inb(PIT_CHANNEL2) as u16;
+    (before / 2 + after / 2, high << 8 | low, after - before)
+}
+
+fn best_sample() -> (u64, u16) {
+    let mut best = sample();
+    for _ in 1..SAMPLES {
+        let s = sample();
+        if s.2 < best.2 {
+            best = s;
+        }
+    }
+    (best.0, best.1)
+}
+
+/// Reads PIT channel 2's count at two moments ~5 ms apart and compares
+/// with the TSC. Only the latch exits' duration adds error, so a preempted
+/// vCPU thread (a busy host) does not skew the result.
 fn calibrate_with_pit() -> u64 {
     // Gate channel 2 on, speaker off.
     outb(SPEAKER_PORT, (inb(SPEAKER_PORT) & !0x02) | 0x01);
-    // Channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count).
+    // Channel 2, lobyte/hibyte, mode 0, counting down from 0xFFFF (55 ms).
     outb(PIT_CONTROL, 0b1011_0000);
-    outb(PIT_CHANNEL2, (CALIBRATION_TICKS & 0xff) as u8);
-    outb(PIT_CHANNEL2, (CALIBRATION_TICKS >> 8) as u8);
-    let start = rdtsc();
-    // Each port read is a VM exit; take the midpoint of the read that saw
-    // OUT2 rise so the exit cost does not bias the result.
-    let mut before_read = start;
-    for _ in 0..10_000_000u32 {
-        before_read = rdtsc();
-        if inb(SPEAKER_PORT) & 0x20 != 0 {
+    outb(PIT_CHANNEL2, 0xFF);
+    outb(PIT_CHANNEL2, 0xFF);
+    let (tsc_start, count_start) = best_sample();
+    let mut polls = 0u32;
+    loop {
+        let (_, count, _) = sample();
+        polls += 1;
+        if count_start.wrapping_sub(count) >= CALIBRATION_TICKS || polls > 1_000_000 {
             break;
         }
     }
-    let ticks = (before_read + rdtsc()) / 2 - start;
-    ticks * PIT_HZ / CALIBRATION_TICKS / 1000
+    let (tsc_end, count_end) = best_sample();
+    let pit_ticks = count_start.wrapping_sub(count_end).max(1) as u64;
+    (tsc_end - tsc_start) * PIT_HZ / pit_ticks / 1000
 }
 
 pub fn now_ns() -> u64 {
