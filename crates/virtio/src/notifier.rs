@@ -239,7 +239,7 @@ impl Notifier {
                         Ok(()) => queue.registered = true,
                         Err(e) => {
                             log::warn!(
-                                "{} queue {index}: KVM refused ioeventfd at {:?} after BAR \
+                                "{} queue {index}: KVM refused ioeventfd at {:#x?} after BAR \
                                  move: {e}; device stays in sync mode",
                                 self.name,
                                 new.addr
@@ -299,7 +299,7 @@ impl Notifier {
             }
             if let Err(e) = self.registrar.register(&queue.kick, doorbell) {
                 log::warn!(
-                    "{} queue {index}: KVM refused ioeventfd at {:?}: {e}; the device stays in \
+                    "{} queue {index}: KVM refused ioeventfd at {:#x?}: {e}; the device stays in \
                      sync mode (kicks exit to the vCPU thread)",
                     self.name,
                     doorbell.addr

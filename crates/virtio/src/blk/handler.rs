@@ -209,14 +209,21 @@ impl BlkHandler {
             }
             match state.queue.enable_notification(&self.mem) {
                 Ok(false) => return Outcome::Done,
-                Ok(true) if popped == 0 => {
-                    // The driver claims more is available but nothing could be popped: its
-                    // avail index is beyond the ring.
+                // Nothing could be popped although the index says there is more: either the
+                // driver published just now (go round again), or its index is beyond the ring.
+                Ok(true) if popped == 0 && self.avail_index_out_of_range(&state.queue) => {
                     return Outcome::Fatal("available index out of range");
                 }
                 Ok(true) => continue,
                 Err(_) => return Outcome::Fatal("available ring unreadable"),
             }
+        }
+    }
+
+    fn avail_index_out_of_range(&self, queue: &Queue) -> bool {
+        match queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) => (idx - std::num::Wrapping(queue.next_avail())).0 > queue.size(),
+            Err(_) => true,
         }
     }
 

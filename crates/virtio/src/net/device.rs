@@ -1,0 +1,163 @@
+//! The virtio-net device: what it offers, its configuration space, and its lifecycle
+//! (activate hands each queue pair its tap queue; reset stops using them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+use super::handler::NetHandler;
+use super::tap::NetBackend;
+use super::VIRTIO_NET_TYPE;
+use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice};
+
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// mac[6], status u16, max_virtqueue_pairs u16.
+const CONFIG_LEN: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error("queues={0}: a net device has 1 to {MAX_QUEUE_PAIRS} queue pairs")]
+    QueuePairs(u16),
+    #[error("the host side has {backend} queue(s) but {pairs} queue pair(s) were asked for")]
+    BackendQueues { backend: usize, pairs: u16 },
+    #[error("queue size {0} is not a power of two between 16 and 4096")]
+    QueueSize(u16),
+}
+
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    pub mac: [u8; 6],
+    pub pairs: u16,
+    pub queue_size: u16,
+    /// Keep serving a queue pair by polling this long after its last activity (zero: never),
+    /// with TX notifications off meanwhile: the `auto` policy.
+    pub poll: Duration,
+}
+
+pub struct VirtioNet {
+    backend: Arc<dyn NetBackend>,
+    options: NetOptions,
+    queue_sizes: Vec<u16>,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    handler: Option<Arc<NetHandler>>,
+}
+
+impl VirtioNet {
+    pub fn new(backend: Arc<dyn NetBackend>, options: NetOptions) -> Result<Self, NetDeviceError> {
+        let pairs = options.pairs;
+        if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
+            return Err(NetDeviceError::QueuePairs(pairs));
+        }
+        if backend.queues() != usize::from(pairs) {
+            return Err(NetDeviceError::BackendQueues {
+                backend: backend.queues(),
+                pairs,
+            });
+        }
+        if !options.queue_size.is_power_of_two() || !(16..=4096).contains(&options.queue_size) {
+            return Err(NetDeviceError::QueueSize(options.queue_size));
+        }
+        let bit = |b: u32| 1u64 << b;
+        let mut features = bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_ECN)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_HOST_TSO6)
+            | bit(VIRTIO_NET_F_HOST_ECN)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_CTRL_RX)
+            | bit(VIRTIO_NET_F_CTRL_VLAN)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_F_VERSION_1);
+        if pairs > 1 {
+            features |= bit(VIRTIO_NET_F_MQ);
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..6].copy_from_slice(&options.mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&pairs.to_le_bytes());
+        // RX and TX per pair, then the control queue.
+        let queue_sizes = vec![options.queue_size; usize::from(pairs) * 2 + 1];
+        Ok(Self {
+            backend,
+            options,
+            queue_sizes,
+            features,
+            config,
+            handler: None,
+        })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.options.mac
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u16 {
+        VIRTIO_NET_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Legacy drivers may write the MAC (virtio 0.9.5 lets them); everything else is
+        // read-only.
+        for (i, byte) in data.iter().enumerate() {
+            if let Some(slot) = usize::try_from(offset)
+                .ok()
+                .map(|o| o + i)
+                .filter(|&o| o < 6)
+            {
+                self.config[slot] = *byte;
+            }
+        }
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError> {
+        let handler = Arc::new(NetHandler::new(
+            activation,
+            self.backend.clone(),
+            usize::from(self.options.pairs),
+            self.options.poll,
+        )?);
+        self.handler = Some(handler.clone());
+        Ok(handler)
+    }
+
+    fn reset(&mut self) {
+        if let Some(handler) = self.handler.take() {
+            handler.shut_down();
+        }
+    }
+}
