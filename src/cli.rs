@@ -24,8 +24,9 @@ const PAGE_SIZE: u64 = 4096;
     long_about = "kickvm boots a Linux kernel (bzImage or ELF vmlinux) or a PVH ELF kernel on \
                   KVM (x86-64).\n\nExit status of `kickvm run`: 0 the guest reset or powered off, \
                   1 the VM failed at run time (KVM error, emulation failure), 2 usage or \
-                  configuration error, 3 the guest crashed (triple fault).\n\nLogging: set \
-                  RUST_LOG (error, warn, info, debug, trace)."
+                  configuration error, 3 the guest crashed (triple fault), 128+N stopped by signal \
+                  N (SIGINT, SIGTERM).\n\nSIGUSR1 makes every vCPU log its registers.\n\n\
+                  Logging: set RUST_LOG (error, warn, info, debug, trace)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -66,9 +67,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout")]
     pub serial: SerialConfig,
 
-    /// CPU model shown to the guest: `host` (all KVM supports), `pvm-safe` (hides what the PVM
-    /// CPL0 emulator cannot run: XSAVE, AVX, CMPXCHG16B, ...), or `auto` (pvm-safe when the host
-    /// KVM is kvm_pvm, else host).
+    /// CPU model shown to the guest: `host` (all KVM supports), `pvm-safe` (avoids what the PVM
+    /// CPL0 emulator cannot run: hides CMPXCHG16B and the other CPUID bits this KVM lets a VMM
+    /// clear, and appends `noxsave` to a Linux kernel's command line, since XSAVE cannot be
+    /// hidden through CPUID there), or `auto` (pvm-safe when /sys/module/kvm_pvm exists).
     #[arg(long, value_name = "auto|host|pvm-safe", default_value = "auto")]
     pub cpu: CpuConfig,
 

@@ -39,6 +39,15 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// Kernel command-line options given to Linux guests under the pvm-safe model. This PVM
+/// applies KVM_SET_CPUID2 only to the bits KVM_GET_SUPPORTED_CPUID reports; every other bit
+/// reaches the guest as the host has it (measured: XSAVE, AVX, RDRAND, SMAP stay visible
+/// whatever the table says). So what cannot be hidden through CPUID is switched off in the
+/// kernel the supported way, with its own options:
+/// - `noxsave`: Linux otherwise restores FPU state with `xrstor`, which the CPL0 emulator
+///   rejects ("emulation failure"); without XSAVE it also drops AVX and friends.
+pub const PVM_LINUX_KERNEL_ARGS: &[&str] = &["noxsave"];
+
 /// (leaf, subleaf or None for all, register, bit, name): features the PVM emulator cannot run
 /// at guest CPL0, or that Linux then uses at CPL0 (XSAVE-managed state, AVX/AVX-512 code in
 /// crypto and RAID, cmpxchg16b, rdpid/rdpkru/wrgsbase/invpcid/stac in entry and context-switch

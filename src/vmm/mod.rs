@@ -195,6 +195,12 @@ impl Vm {
             config.max_ioeventfds,
         )?;
 
+        let model = match config.cpu.profile {
+            CpuProfile::Host => CpuModel::Host,
+            CpuProfile::PvmSafe => CpuModel::PvmSafe,
+            CpuProfile::Auto if cpu::host_is_pvm() => CpuModel::PvmSafe,
+            CpuProfile::Auto => CpuModel::Host,
+        };
         let entry = boot::load(
             &memory,
             &BootConfig {
@@ -203,16 +209,14 @@ impl Vm {
                 cmdline: &config.cmdline,
                 mem_size: config.memory_bytes,
                 cpus: config.cpus,
+                linux_extra_args: match model {
+                    CpuModel::PvmSafe => cpu::PVM_LINUX_KERNEL_ARGS,
+                    CpuModel::Host => &[],
+                },
             },
         )?;
         cpu::write_boot_tables(&memory, &entry)?;
 
-        let model = match config.cpu.profile {
-            CpuProfile::Host => CpuModel::Host,
-            CpuProfile::PvmSafe => CpuModel::PvmSafe,
-            CpuProfile::Auto if cpu::host_is_pvm() => CpuModel::PvmSafe,
-            CpuProfile::Auto => CpuModel::Host,
-        };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let fd = vm_fd

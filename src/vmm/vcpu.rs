@@ -308,6 +308,9 @@ impl Vcpu {
                 Ok(false)
             }
             Ok(VcpuExit::InternalError) => {
+                if self.deliver_unemulated_breakpoint() {
+                    return Ok(true);
+                }
                 let detail = internal_error_detail(&mut self.fd);
                 Err(VmExitReason::Failed {
                     vcpu: index,
@@ -345,6 +348,50 @@ impl Vcpu {
                 registers: describe_registers(&self.fd),
             }),
         }
+    }
+}
+
+impl Vcpu {
+    /// An `int3` that KVM's instruction emulator could not emulate (PVM emulates guest CPL0
+    /// code and rejects it; Linux executes one at boot to test its breakpoint handler) is
+    /// carried out here as the CPU would: RIP moves past the instruction and #BP is injected.
+    /// Returns false, changing nothing, for any other failure.
+    fn deliver_unemulated_breakpoint(&mut self) -> bool {
+        const INT3: u8 = 0xcc;
+        const BP_VECTOR: u8 = 3;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR; `emulation_failure` overlays
+        // `internal` and is what KVM fills in for the emulation suberror.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        // SAFETY: plain bytes; valid whenever the INSTRUCTION_BYTES flag is set (checked).
+        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let has_bytes = failure.flags
+            & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            != 0;
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION
+            || !has_bytes
+            || insn.insn_size == 0
+            || insn.insn_bytes[0] != INT3
+        {
+            return false;
+        }
+        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
+            return false;
+        };
+        regs.rip += 1;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        if self.fd.set_regs(&regs).is_err() || self.fd.set_vcpu_events(&events).is_err() {
+            return false;
+        }
+        log::debug!(
+            "vCPU {}: delivered #BP for an int3 at {:#x}",
+            self.index,
+            regs.rip - 1
+        );
+        true
     }
 }
 

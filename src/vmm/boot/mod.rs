@@ -116,12 +116,16 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
 }
 
 /// What the boot needs to know, taken from the VM config.
+#[derive(Clone, Copy)]
 pub struct BootConfig<'a> {
     pub kernel: &'a Path,
     pub initramfs: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_size: u64,
     pub cpus: u8,
+    /// Appended to the command line when the kernel is Linux (a bzImage, or an ELF carrying
+    /// Linux's ELF notes), unless the user already gave them; other kernels never see them.
+    pub linux_extra_args: &'a [&'a str],
 }
 
 /// Loads the kernel (and initramfs) into guest memory and writes the boot structures.
@@ -142,10 +146,28 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
     let rsdp = acpi::write(mem, config.cpus)?;
     mptable::write(mem, config.cpus)?;
 
-    let entry = match detect_format(&mut kernel).map_err(|source| BootError::OpenKernel {
+    let open_err = |source| BootError::OpenKernel {
         path: config.kernel.to_path_buf(),
         source,
-    })? {
+    };
+    let format = detect_format(&mut kernel).map_err(open_err)?;
+    let is_linux = match format {
+        KernelFormat::BzImage => true,
+        // A malformed ELF is reported by the loader below, with its reason.
+        KernelFormat::Elf => elf_has_linux_note(&mut kernel).unwrap_or(false),
+        KernelFormat::Unknown => false,
+    };
+    let cmdline = if is_linux {
+        with_extra_args(config.cmdline, config.linux_extra_args)
+    } else {
+        config.cmdline.to_string()
+    };
+    let config = &BootConfig {
+        cmdline: &cmdline,
+        ..*config
+    };
+
+    let entry = match format {
         KernelFormat::Elf => {
             let loaded = Elf::load(
                 mem,
@@ -190,6 +212,93 @@ pub fn load(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootEntry, Boo
         }
     };
     Ok(entry)
+}
+
+/// `cmdline` plus each of `extra` whose key (the part before `=`) it does not mention yet.
+fn with_extra_args(cmdline: &str, extra: &[&str]) -> String {
+    let mut out = cmdline.trim().to_string();
+    let present: Vec<&str> = cmdline
+        .split_whitespace()
+        .map(|word| word.split('=').next().unwrap_or(word))
+        .collect();
+    let mut added = Vec::new();
+    for arg in extra {
+        let key = arg.split('=').next().unwrap_or(arg);
+        if !present.contains(&key) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(arg);
+            added.push(*arg);
+        }
+    }
+    if !added.is_empty() {
+        log::info!(
+            "Linux kernel: appending `{}` to its command line",
+            added.join(" ")
+        );
+    }
+    out
+}
+
+const PT_NOTE: u32 = 4;
+/// Note segments larger than this are not Linux's and are not read.
+const MAX_NOTE_SEGMENT: u64 = 64 << 10;
+
+/// Whether an ELF kernel carries a note owned by "Linux" (every vmlinux has such notes, e.g.
+/// the build salt); the test guest and other PVH kernels do not.
+fn elf_has_linux_note(kernel: &mut File) -> std::io::Result<bool> {
+    let mut ehdr = [0u8; 64];
+    kernel.seek(SeekFrom::Start(0))?;
+    kernel.read_exact(&mut ehdr)?;
+    let phoff = u64::from_le_bytes(ehdr[0x20..0x28].try_into().unwrap());
+    let phentsize = u64::from(u16::from_le_bytes([ehdr[0x36], ehdr[0x37]]));
+    let phnum = u64::from(u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]));
+    let mut found = false;
+    for i in 0..phnum {
+        let mut phdr = [0u8; 56];
+        kernel.seek(SeekFrom::Start(phoff + i * phentsize))?;
+        kernel.read_exact(&mut phdr)?;
+        let kind = u32::from_le_bytes(phdr[0..4].try_into().unwrap());
+        let offset = u64::from_le_bytes(phdr[8..16].try_into().unwrap());
+        let size = u64::from_le_bytes(phdr[32..40].try_into().unwrap());
+        if kind != PT_NOTE || size > MAX_NOTE_SEGMENT {
+            continue;
+        }
+        let mut notes = vec![0u8; size as usize];
+        kernel.seek(SeekFrom::Start(offset))?;
+        kernel.read_exact(&mut notes)?;
+        if notes_have_owner(&notes, b"Linux") {
+            found = true;
+            break;
+        }
+    }
+    kernel.seek(SeekFrom::Start(0))?;
+    Ok(found)
+}
+
+fn notes_have_owner(mut notes: &[u8], owner: &[u8]) -> bool {
+    let align4 = |n: usize| n.next_multiple_of(4);
+    while notes.len() >= 12 {
+        let namesz = u32::from_le_bytes(notes[0..4].try_into().unwrap()) as usize;
+        let descsz = u32::from_le_bytes(notes[4..8].try_into().unwrap()) as usize;
+        let name_end = 12 + namesz;
+        if name_end > notes.len() {
+            return false;
+        }
+        let name = &notes[12..name_end];
+        if name.strip_suffix(b"\0").unwrap_or(name) == owner {
+            return true;
+        }
+        let next = 12usize
+            .saturating_add(align4(namesz))
+            .saturating_add(align4(descsz));
+        if next > notes.len() {
+            return false;
+        }
+        notes = &notes[next..];
+    }
+    false
 }
 
 enum KernelFormat {
@@ -297,6 +406,40 @@ mod tests {
             ram_total(&map),
             (4 << 30) - (layout::HIMEM_START - layout::EBDA_START)
         );
+    }
+
+    #[test]
+    fn extra_args_are_appended_unless_the_user_gave_the_key() {
+        assert_eq!(
+            with_extra_args("console=ttyS0", &["noxsave", "clearcpuid=x"]),
+            "console=ttyS0 noxsave clearcpuid=x"
+        );
+        assert_eq!(
+            with_extra_args("clearcpuid=y noxsave", &["noxsave", "clearcpuid=x"]),
+            "clearcpuid=y noxsave"
+        );
+        assert_eq!(with_extra_args("", &["noxsave"]), "noxsave");
+    }
+
+    #[test]
+    fn linux_note_owner_is_found_among_other_notes() {
+        let mut notes = Vec::new();
+        for (name, desc) in [
+            (&b"Xen\0"[..], &[0u8; 4][..]),
+            (&b"Linux\0"[..], &[1u8; 6][..]),
+        ] {
+            notes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&1u32.to_le_bytes());
+            notes.extend_from_slice(name);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+            notes.extend_from_slice(desc);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+        }
+        assert!(notes_have_owner(&notes, b"Linux"));
+        assert!(notes_have_owner(&notes, b"Xen"));
+        assert!(!notes_have_owner(&notes, b"GNU"));
+        assert!(!notes_have_owner(&notes[..20], b"Linux"));
     }
 
     #[test]
