@@ -9,6 +9,7 @@ pub mod counters;
 pub mod device;
 pub mod io_thread;
 pub mod ioevent;
+pub mod net;
 pub mod notifier;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -16,4 +17,5 @@ pub mod transport;
 
 pub use attach::{AttachError, PciDevices, PciOptions, SharedVirtioDevice};
 pub use config::{BlkConfig, BlkConfigError};
+pub use net::{IoeventfdPolicy, NetConfig, NetConfigError};
 pub use transport::{TransportKind, VirtioPciDevice};

@@ -129,15 +129,19 @@ impl FromStr for NetConfig {
                         return Err(NetConfigError::MissingTap);
                     }
                     if value.len() > 15 || value.contains(['/', ' ', ':']) {
-                        return Err(bad(key, value, "an interface name of at most 15 characters"));
+                        return Err(bad(
+                            key,
+                            value,
+                            "an interface name of at most 15 characters",
+                        ));
                     }
                     config.tap = value.into();
                 }
                 "mac" => {
-                    config.mac = Some(
-                        parse_mac(value)
-                            .ok_or_else(|| bad(key, value, "a unicast MAC like 52:54:00:12:34:56"))?,
-                    )
+                    config.mac =
+                        Some(parse_mac(value).ok_or_else(|| {
+                            bad(key, value, "a unicast MAC like 52:54:00:12:34:56")
+                        })?)
                 }
                 "ioeventfd" => {
                     config.ioeventfd = match value {
@@ -222,15 +226,30 @@ mod tests {
         let err = |s: &str| s.parse::<NetConfig>().unwrap_err();
         assert_eq!(err("mac=02:00:00:00:00:01"), NetConfigError::MissingTap);
         assert_eq!(err("tap="), NetConfigError::MissingTap);
-        assert_eq!(err("tap=a,foo=1"), NetConfigError::UnknownOption("foo".into()));
+        assert_eq!(
+            err("tap=a,foo=1"),
+            NetConfigError::UnknownOption("foo".into())
+        );
         assert_eq!(err("tap=a,tap=b"), NetConfigError::Duplicate("tap".into()));
         // Multicast bit set, short, and junk.
         for mac in ["01:00:00:00:00:01", "02:00:00:00:01", "zz:00:00:00:00:01"] {
-            assert!(matches!(err(&format!("tap=a,mac={mac}")), NetConfigError::BadValue { .. }));
+            assert!(matches!(
+                err(&format!("tap=a,mac={mac}")),
+                NetConfigError::BadValue { .. }
+            ));
         }
-        assert!(matches!(err("tap=a,queues=0"), NetConfigError::BadValue { .. }));
-        assert!(matches!(err("tap=a,queue_size=100"), NetConfigError::BadValue { .. }));
-        assert!(matches!(err("tap=abcdefghijklmnop"), NetConfigError::BadValue { .. }));
+        assert!(matches!(
+            err("tap=a,queues=0"),
+            NetConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("tap=a,queue_size=100"),
+            NetConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("tap=abcdefghijklmnop"),
+            NetConfigError::BadValue { .. }
+        ));
         assert_eq!(
             err("tap=a,ioeventfd=maybe").to_string(),
             "--net: `ioeventfd=maybe`: expected on, off or auto"

@@ -101,6 +101,11 @@ impl VirtioNet {
     pub fn mac(&self) -> [u8; 6] {
         self.options.mac
     }
+
+    #[cfg(test)]
+    pub(crate) fn handler_for_tests(&self) -> &NetHandler {
+        self.handler.as_ref().expect("activated")
+    }
 }
 
 impl VirtioDevice for VirtioNet {

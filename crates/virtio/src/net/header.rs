@@ -90,7 +90,11 @@ impl VnetHeader {
             gso_size: u16_at(4),
             csum_start: u16_at(6),
             csum_offset: u16_at(8),
-            num_buffers: if bytes.len() >= HEADER_LEN { u16_at(10) } else { 0 },
+            num_buffers: if bytes.len() >= HEADER_LEN {
+                u16_at(10)
+            } else {
+                0
+            },
         })
     }
 

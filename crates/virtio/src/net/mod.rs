@@ -12,7 +12,7 @@
 
 mod config;
 mod device;
-mod handler;
+pub(crate) mod handler;
 mod header;
 mod tap;
 

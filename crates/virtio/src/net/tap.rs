@@ -188,7 +188,13 @@ impl NetBackend for Tap {
 
     fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        let ret = unsafe { libc::ioctl(self.queue_fd(0), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
+        let ret = unsafe {
+            libc::ioctl(
+                self.queue_fd(0),
+                libc::TUNSETOFFLOAD,
+                flags as libc::c_ulong,
+            )
+        };
         if ret < 0 {
             Err(io::Error::last_os_error())
         } else {

@@ -1,0 +1,770 @@
+//! virtio-net's queue handler: TX on the kick, RX when the tap is readable or the guest posts
+//! buffers, the control queue, and the bounded poll of the `auto` policy.
+//!
+//! Each queue pair has its own locks and its own tap queue, so pairs never wait for each
+//! other. The I/O thread learns of RX work through one epoll descriptor per pair that holds
+//! the tap queue: while the guest has posted no RX buffers the tap is taken out of it, so a
+//! full tap neither spins the thread nor is read into unbounded memory (frames wait in the
+//! tap's own bounded queue, and the kernel drops beyond it). The guest's RX kick (enabled
+//! only while buffers ran out) puts it back.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::header::{
+    tap_offload_flags, vnet_header_len, VnetHeader, HEADER_LEN, NUM_BUFFERS_OFFSET,
+};
+use super::tap::NetBackend;
+use super::MAX_FRAME_LEN;
+use crate::counters::QueueCounters;
+use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
+
+/// Frames moved per call before the handler lets the I/O thread look at other events.
+const BATCH: usize = 256;
+/// The longest one poll may keep the I/O thread while work keeps coming.
+const MAX_POLL_SLICE: Duration = Duration::from_micros(500);
+
+type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// Drops and errors, for tests and reports.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    pub tx_frames: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    /// Poll slices the `auto` policy ran, and the frames they found without a notification.
+    pub polls: AtomicU64,
+    pub polled_frames: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+struct RxQueue {
+    queue: Queue,
+    /// Header and frame read from the tap; `pending` bytes of it wait for buffers.
+    bounce: Vec<u8>,
+    pending: usize,
+    broken: bool,
+}
+
+struct TxQueue {
+    queue: Queue,
+    iovecs: Vec<libc::iovec>,
+    broken: bool,
+}
+
+// SAFETY: `iovecs` holds pointers into guest memory only between building a frame and
+// writing it, under the queue's lock; the memory outlives the handler.
+unsafe impl Send for TxQueue {}
+
+struct Pair {
+    rx_index: usize,
+    tx_index: usize,
+    rx: Mutex<Option<RxQueue>>,
+    tx: Mutex<Option<TxQueue>>,
+    fd: RawFd,
+    /// Holds `fd` while the guest has RX buffers; the I/O thread watches this.
+    readiness: Epoll,
+    tap_watched: AtomicBool,
+    /// Activity since the last poll slice: the I/O thread should poll this pair.
+    poll_armed: AtomicBool,
+}
+
+enum RxOutcome {
+    Delivered(usize),
+    NoBuffers,
+    Dropped,
+    Fatal(&'static str),
+}
+
+pub struct NetHandler {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    counters: Arc<[QueueCounters]>,
+    backend: Arc<dyn NetBackend>,
+    acked: u64,
+    hdr_len: usize,
+    mrg_rxbuf: bool,
+    pairs: Vec<Pair>,
+    ctrl_index: Option<usize>,
+    ctrl: Mutex<Option<Queue>>,
+    num_queues: usize,
+    poll: Duration,
+    pub stats: NetStats,
+}
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+impl NetHandler {
+    pub fn new(
+        activation: Activation,
+        backend: Arc<dyn NetBackend>,
+        max_pairs: usize,
+        poll: Duration,
+    ) -> Result<Self, ActivateError> {
+        let acked = activation.acked_features;
+        let mq = has(acked, VIRTIO_NET_F_MQ) && has(acked, VIRTIO_NET_F_CTRL_VQ);
+        let pairs_offered = if mq { max_pairs } else { 1 };
+        // The control queue follows the last pair the driver may use (virtio 1.x 5.1.2).
+        let ctrl_index = has(acked, VIRTIO_NET_F_CTRL_VQ).then_some(pairs_offered * 2);
+        let hdr_len = vnet_header_len(acked);
+        let backend_err = |what: &str, e: io::Error| ActivateError::Backend(format!("{what}: {e}"));
+        backend
+            .set_vnet_header_len(hdr_len)
+            .map_err(|e| backend_err("TUNSETVNETHDRSZ", e))?;
+        backend
+            .set_offload(tap_offload_flags(acked))
+            .map_err(|e| backend_err("TUNSETOFFLOAD", e))?;
+
+        let mut rx_queues: Vec<Option<Queue>> = (0..pairs_offered).map(|_| None).collect();
+        let mut tx_queues: Vec<Option<Queue>> = (0..pairs_offered).map(|_| None).collect();
+        let mut ctrl = None;
+        let mut num_queues = 0;
+        for setup in activation.queues {
+            num_queues = num_queues.max(setup.index + 1);
+            if Some(setup.index) == ctrl_index {
+                ctrl = Some(setup.queue);
+            } else if setup.index < pairs_offered * 2 {
+                let slot = if setup.index % 2 == 0 {
+                    &mut rx_queues[setup.index / 2]
+                } else {
+                    &mut tx_queues[setup.index / 2]
+                };
+                *slot = Some(setup.queue);
+            }
+            // A queue beyond what the features allow is left alone.
+        }
+        let mut pairs = Vec::with_capacity(pairs_offered);
+        for (i, (rx, tx)) in rx_queues.into_iter().zip(tx_queues).enumerate() {
+            let readiness = Epoll::new().map_err(|e| backend_err("epoll", e))?;
+            let mut rx = rx.map(|queue| RxQueue {
+                queue,
+                bounce: vec![0; hdr_len + MAX_FRAME_LEN],
+                pending: 0,
+                broken: false,
+            });
+            if let Some(rx) = rx.as_mut() {
+                // RX kicks are only wanted once buffers run out.
+                let _ = rx.queue.disable_notification(&activation.mem);
+            }
+            pairs.push(Pair {
+                rx_index: 2 * i,
+                tx_index: 2 * i + 1,
+                rx: Mutex::new(rx),
+                tx: Mutex::new(tx.map(|queue| TxQueue {
+                    queue,
+                    iovecs: Vec::with_capacity(64),
+                    broken: false,
+                })),
+                fd: backend.queue_fd(i),
+                readiness,
+                tap_watched: AtomicBool::new(false),
+                poll_armed: AtomicBool::new(false),
+            });
+        }
+        let handler = Self {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            counters: activation.counters,
+            backend,
+            acked,
+            hdr_len,
+            mrg_rxbuf: has(acked, VIRTIO_NET_F_MRG_RXBUF),
+            pairs,
+            ctrl_index,
+            ctrl: Mutex::new(ctrl),
+            num_queues,
+            poll,
+            stats: NetStats::default(),
+        };
+        // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
+        handler.set_active_pairs(1);
+        for pair in &handler.pairs {
+            if pair.rx.lock().unwrap().is_some() {
+                handler.watch_tap(pair, true);
+            }
+        }
+        Ok(handler)
+    }
+
+    /// Device reset: stop using the queues (the tap keeps whatever it queued).
+    pub fn shut_down(&self) {
+        for pair in &self.pairs {
+            self.watch_tap(pair, false);
+            drop(pair.rx.lock().unwrap().take());
+            drop(pair.tx.lock().unwrap().take());
+        }
+        drop(self.ctrl.lock().unwrap().take());
+    }
+
+    fn set_active_pairs(&self, active: usize) {
+        for i in 0..self.backend.queues() {
+            if let Err(e) = self.backend.set_queue_enabled(i, i < active) {
+                log::warn!("virtio-net: cannot (de)attach tap queue {i}: {e}");
+            }
+        }
+    }
+
+    fn watch_tap(&self, pair: &Pair, watch: bool) {
+        if pair.tap_watched.swap(watch, Ordering::SeqCst) == watch {
+            return;
+        }
+        let result = if watch {
+            pair.readiness.ctl(
+                ControlOperation::Add,
+                pair.fd,
+                EpollEvent::new(EventSet::IN, 0),
+            )
+        } else {
+            pair.readiness
+                .ctl(ControlOperation::Delete, pair.fd, EpollEvent::default())
+        };
+        if let Err(e) = result {
+            log::warn!("virtio-net: cannot change tap readiness watch: {e}");
+        }
+    }
+
+    fn pair_of(&self, queue: usize) -> Option<&Pair> {
+        self.pairs.get(queue / 2)
+    }
+
+    fn fatal(&self, queue: usize, reason: &str) {
+        log::warn!("virtio-net queue {queue}: {reason}; device needs reset");
+        self.interrupt.set_needs_reset();
+    }
+
+    fn signal(&self, queue: usize, q: &mut Queue) {
+        match q.needs_notification(&self.mem) {
+            Ok(false) => QueueCounters::add(&self.counters[queue].interrupts_suppressed, 1),
+            // Unreadable used_event: interrupt anyway, a spurious one is harmless.
+            _ => self.interrupt.signal_queue(queue),
+        }
+    }
+
+    fn arm_poll(&self, pair: &Pair) {
+        if !self.poll.is_zero() {
+            pair.poll_armed.store(true, Ordering::Release);
+        }
+    }
+
+    // ---- TX ----
+
+    /// Sends everything the driver made available. With `keep_quiet` (inside a poll slice)
+    /// driver notifications stay off on return; otherwise they are back on and the ring was
+    /// re-checked after, so no kick can be lost.
+    fn tx_run(&self, pair: &Pair, keep_quiet: bool) -> usize {
+        let index = pair.tx_index;
+        let mut guard = pair.tx.lock().unwrap();
+        let Some(tx) = guard.as_mut() else { return 0 };
+        if tx.broken {
+            return 0;
+        }
+        let mut sent = 0;
+        let mut used = 0;
+        let result = (|| -> Result<(), &'static str> {
+            tx.queue
+                .disable_notification(&self.mem)
+                .map_err(|_| "used ring not writable")?;
+            loop {
+                let mut popped = 0;
+                while let Some(chain) = tx.queue.pop_descriptor_chain(&self.mem) {
+                    popped += 1;
+                    let head = chain.head_index();
+                    if self.send_frame(pair.fd, &mut tx.iovecs, chain, index) {
+                        sent += 1;
+                    }
+                    tx.queue
+                        .add_used(&self.mem, head, 0)
+                        .map_err(|_| "descriptor head out of range")?;
+                    used += 1;
+                    if keep_quiet && used >= BATCH {
+                        break;
+                    }
+                }
+                if keep_quiet {
+                    // The poll slice comes back to the ring; kicks would only cost the guest.
+                    return Ok(());
+                }
+                match tx.queue.enable_notification(&self.mem) {
+                    Ok(false) => return Ok(()),
+                    Ok(true) if popped == 0 => return Err("available index out of range"),
+                    Ok(true) => {
+                        let _ = tx.queue.disable_notification(&self.mem);
+                    }
+                    Err(_) => return Err("available ring unreadable"),
+                }
+            }
+        })();
+        if let Err(reason) = result {
+            tx.broken = true;
+            self.fatal(index, reason);
+        }
+        if used > 0 {
+            self.signal(index, &mut tx.queue);
+        }
+        sent
+    }
+
+    /// Writes one TX chain to the tap. Bad chains are dropped (false), never fatal: the
+    /// chain is returned to the driver either way.
+    fn send_frame(
+        &self,
+        fd: RawFd,
+        iovecs: &mut Vec<libc::iovec>,
+        chain: Chain,
+        queue: usize,
+    ) -> bool {
+        iovecs.clear();
+        let mut header = [0u8; super::header::HEADER_LEN];
+        let mut total = 0usize;
+        let mut cut_short = false;
+        for desc in chain {
+            cut_short = desc.has_next();
+            if desc.is_write_only() {
+                return self.drop_tx("write-only descriptor in a TX chain");
+            }
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
+            }
+            let Ok(slice) = self.mem.get_slice(desc.addr(), len) else {
+                return self.drop_tx("descriptor outside guest memory");
+            };
+            if total < self.hdr_len {
+                let n = (self.hdr_len - total).min(len);
+                if self
+                    .mem
+                    .read_slice(&mut header[total..total + n], desc.addr())
+                    .is_err()
+                {
+                    return self.drop_tx("header unreadable");
+                }
+            }
+            total += len;
+            if total > self.hdr_len + MAX_FRAME_LEN {
+                return self.drop_tx("frame over 64 KiB");
+            }
+            iovecs.push(libc::iovec {
+                // The mapping is plain anonymous memory (no Xen grants): the pointer stays
+                // valid after the guard.
+                iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
+        if cut_short {
+            // The iterator stops at a loop or a next index beyond the table.
+            return self.drop_tx("descriptor chain loops or leaves the table");
+        }
+        if total < self.hdr_len {
+            return self.drop_tx("chain shorter than the virtio-net header");
+        }
+        let frame_len = total - self.hdr_len;
+        let Some(hdr) = VnetHeader::parse(&header[..self.hdr_len]) else {
+            return self.drop_tx("short header");
+        };
+        if let Err(e) = hdr.check_tx(frame_len, self.acked) {
+            log::debug!("virtio-net TX: {e}");
+            return self.drop_tx("bad virtio-net header");
+        }
+        if frame_len < 14 {
+            return self.drop_tx("frame shorter than an Ethernet header");
+        }
+        // SAFETY: every iovec points into guest memory checked by get_slice above, which
+        // outlives this call; writev only reads them.
+        let ret = unsafe { libc::writev(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
+        iovecs.clear();
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            log::debug!("virtio-net TX: tap write failed: {e}");
+            add(&self.stats.tx_dropped, 1);
+            return false;
+        }
+        QueueCounters::add(&self.counters[queue].requests, 1);
+        QueueCounters::add(&self.counters[queue].bytes, frame_len as u64);
+        add(&self.stats.tx_frames, 1);
+        true
+    }
+
+    fn drop_tx(&self, reason: &str) -> bool {
+        log::debug!("virtio-net TX chain dropped: {reason}");
+        add(&self.stats.tx_dropped, 1);
+        false
+    }
+
+    // ---- RX ----
+
+    /// Moves frames from the tap into posted buffers until either runs out.
+    fn rx_run(&self, pair: &Pair) -> usize {
+        let index = pair.rx_index;
+        let mut guard = pair.rx.lock().unwrap();
+        let Some(rx) = guard.as_mut() else { return 0 };
+        if rx.broken {
+            self.watch_tap(pair, false);
+            return 0;
+        }
+        let mut frames = 0;
+        let mut used = 0;
+        let mut always_signal = false;
+        for _ in 0..BATCH {
+            if rx.pending == 0 {
+                // SAFETY: reads into the bounce buffer, which is as long as the count given.
+                let n = unsafe {
+                    libc::read(
+                        pair.fd,
+                        rx.bounce.as_mut_ptr() as *mut libc::c_void,
+                        rx.bounce.len(),
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::WouldBlock
+                        && e.kind() != io::ErrorKind::Interrupted
+                    {
+                        log::debug!("virtio-net RX: tap read failed: {e}");
+                    }
+                    break;
+                }
+                let n = n as usize;
+                if n < self.hdr_len {
+                    add(&self.stats.rx_dropped, 1);
+                    continue;
+                }
+                rx.pending = n;
+            }
+            match self.deliver(rx) {
+                RxOutcome::Delivered(chains) => {
+                    QueueCounters::add(&self.counters[index].requests, 1);
+                    QueueCounters::add(
+                        &self.counters[index].bytes,
+                        (rx.pending - self.hdr_len) as u64,
+                    );
+                    add(&self.stats.rx_frames, 1);
+                    rx.pending = 0;
+                    frames += 1;
+                    used += chains;
+                    always_signal |= chains > 1;
+                }
+                RxOutcome::Dropped => {
+                    add(&self.stats.rx_dropped, 1);
+                    rx.pending = 0;
+                }
+                RxOutcome::NoBuffers => {
+                    // Ask for a kick when buffers come; re-check to close the race with a
+                    // driver that posted just now.
+                    match rx.queue.enable_notification(&self.mem) {
+                        Ok(true) => {
+                            let _ = rx.queue.disable_notification(&self.mem);
+                            continue;
+                        }
+                        Ok(false) => {
+                            self.watch_tap(pair, false);
+                            break;
+                        }
+                        Err(_) => {
+                            rx.broken = true;
+                            self.fatal(index, "available ring unreadable");
+                            break;
+                        }
+                    }
+                }
+                RxOutcome::Fatal(reason) => {
+                    rx.broken = true;
+                    self.watch_tap(pair, false);
+                    self.fatal(index, reason);
+                    break;
+                }
+            }
+        }
+        if used > 0 {
+            if always_signal {
+                // A frame spread over several buffers was published with fewer used-index
+                // updates than entries, which EVENT_IDX bookkeeping cannot follow exactly.
+                let _ = rx.queue.needs_notification(&self.mem);
+                self.interrupt.signal_queue(index);
+            } else {
+                self.signal(index, &mut rx.queue);
+            }
+        }
+        frames
+    }
+
+    /// Copies the pending frame into one chain (or several, with MRG_RXBUF).
+    fn deliver(&self, rx: &mut RxQueue) -> RxOutcome {
+        let len = rx.pending;
+        // Where each chain's writable bytes are, collected before anything is written, so a
+        // frame that does not fit leaves the ring untouched.
+        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>, usize)> = Vec::new();
+        let mut room = 0usize;
+        while room < len {
+            let Some(chain) = rx.queue.pop_descriptor_chain(&self.mem) else {
+                for _ in 0..chains.len() {
+                    rx.queue.go_to_previous_position();
+                }
+                return RxOutcome::NoBuffers;
+            };
+            let head = chain.head_index();
+            let mut segments = Vec::new();
+            let mut capacity = 0usize;
+            let mut cut_short = false;
+            for desc in chain {
+                cut_short = desc.has_next();
+                if !desc.is_write_only() {
+                    return RxOutcome::Fatal("read-only descriptor in an RX chain");
+                }
+                let dlen = desc.len() as usize;
+                if !self.mem.check_range(desc.addr(), dlen) {
+                    return RxOutcome::Fatal("RX descriptor outside guest memory");
+                }
+                segments.push((desc.addr(), dlen));
+                capacity += dlen;
+            }
+            if cut_short {
+                return RxOutcome::Fatal("RX descriptor chain loops or leaves the table");
+            }
+            room += capacity;
+            chains.push((head, segments, capacity));
+            if !self.mrg_rxbuf {
+                break;
+            }
+            if chains.len() == 1 && capacity < self.hdr_len {
+                return RxOutcome::Fatal("RX buffer shorter than the virtio-net header");
+            }
+        }
+        if room < len {
+            // Without MRG_RXBUF a frame must fit one chain: this one is too big for what the
+            // driver posts. The chain goes back for the next frame.
+            rx.queue.go_to_previous_position();
+            return RxOutcome::Dropped;
+        }
+        if self.hdr_len >= HEADER_LEN {
+            // Set even without MRG_RXBUF, where it must read 1 (virtio 1.x 5.1.6.3.1); the
+            // tap leaves these two bytes unwritten.
+            let count = chains.len() as u16;
+            rx.bounce[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
+                .copy_from_slice(&count.to_le_bytes());
+        }
+        let mut offset = 0usize;
+        let start = rx.queue.next_used();
+        let last = chains.len() - 1;
+        for (i, (head, segments, _)) in chains.iter().enumerate() {
+            let begin = offset;
+            for &(addr, dlen) in segments {
+                if offset >= len {
+                    break;
+                }
+                let n = dlen.min(len - offset);
+                if self
+                    .mem
+                    .write_slice(&rx.bounce[offset..offset + n], addr)
+                    .is_err()
+                {
+                    return RxOutcome::Fatal("RX buffer not writable");
+                }
+                offset += n;
+            }
+            let written = (offset - begin) as u32;
+            if i < last {
+                // Entries before the last are written without moving the used index, so
+                // the driver never sees part of a frame.
+                let slot = u64::from(start.wrapping_add(i as u16) % rx.queue.size());
+                let at = GuestAddress(rx.queue.used_ring()).checked_add(4 + slot * 8);
+                let ok = at.is_some_and(|at| {
+                    self.mem.write_obj(u32::from(*head), at).is_ok()
+                        && self.mem.write_obj(written, at.unchecked_add(4)).is_ok()
+                });
+                if !ok {
+                    return RxOutcome::Fatal("used ring not writable");
+                }
+            } else {
+                rx.queue.set_next_used(start.wrapping_add(last as u16));
+                if rx.queue.add_used(&self.mem, *head, written).is_err() {
+                    return RxOutcome::Fatal("used ring not writable");
+                }
+            }
+        }
+        RxOutcome::Delivered(chains.len())
+    }
+
+    /// The driver posted RX buffers: a frame held back, or the tap, can move again.
+    fn rx_buffers_posted(&self, pair: &Pair) {
+        {
+            let mut guard = pair.rx.lock().unwrap();
+            let Some(rx) = guard.as_mut() else { return };
+            if rx.broken {
+                return;
+            }
+            let _ = rx.queue.disable_notification(&self.mem);
+        }
+        self.watch_tap(pair, true);
+        if self.rx_run(pair) > 0 {
+            self.arm_poll(pair);
+        }
+    }
+
+    // ---- the auto policy's poll ----
+
+    /// Serves `pair` by polling, TX notifications off, until nothing happened for `poll`
+    /// (or one slice is used up); then notifications go back on, and the ring is re-checked.
+    fn poll_pair(&self, pair: &Pair) {
+        if !pair.poll_armed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        add(&self.stats.polls, 1);
+        let start = Instant::now();
+        let mut last_work = start;
+        loop {
+            let found = self.tx_run(pair, true) + self.rx_run(pair);
+            let now = Instant::now();
+            if found > 0 {
+                add(&self.stats.polled_frames, found as u64);
+                last_work = now;
+            }
+            if now.duration_since(last_work) >= self.poll
+                || now.duration_since(start) >= MAX_POLL_SLICE
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if self.tx_run(pair, false) > 0 || last_work != start {
+            // Still busy: another slice after the I/O thread looked at its other events.
+            self.arm_poll(pair);
+        }
+    }
+
+    // ---- control queue ----
+
+    fn ctrl_run(&self) {
+        let Some(index) = self.ctrl_index else { return };
+        let mut guard = self.ctrl.lock().unwrap();
+        let Some(queue) = guard.as_mut() else { return };
+        let mut used = 0;
+        while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let mut command = Vec::new();
+            let mut ack = None;
+            for desc in chain {
+                let dlen = desc.len() as usize;
+                if desc.is_write_only() {
+                    ack = Some(desc.addr());
+                    break;
+                }
+                if command.len() + dlen > 4096 {
+                    break;
+                }
+                let at = command.len();
+                command.resize(at + dlen, 0);
+                if self
+                    .mem
+                    .read_slice(&mut command[at..], desc.addr())
+                    .is_err()
+                {
+                    command.truncate(at);
+                    break;
+                }
+            }
+            let status = self.ctrl_command(&command);
+            let mut written = 0;
+            if let Some(ack) = ack {
+                if self.mem.write_obj(status, ack).is_ok() {
+                    written = 1;
+                }
+            }
+            if queue.add_used(&self.mem, head, written).is_err() {
+                self.fatal(index, "descriptor head out of range");
+                return;
+            }
+            used += 1;
+        }
+        if used > 0 {
+            self.signal(index, queue);
+        }
+    }
+
+    fn ctrl_command(&self, command: &[u8]) -> u8 {
+        let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
+        let [class, cmd, data @ ..] = command else {
+            return err;
+        };
+        match (u32::from(*class), u32::from(*cmd)) {
+            // Filtering is the host bridge's business; accepting keeps Linux happy.
+            (VIRTIO_NET_CTRL_RX, _) | (VIRTIO_NET_CTRL_MAC, _) | (VIRTIO_NET_CTRL_VLAN, _) => ok,
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+                let Some(&[lo, hi]) = data.get(..2).map(|d| <&[u8; 2]>::try_from(d).unwrap())
+                else {
+                    return err;
+                };
+                let pairs = usize::from(u16::from_le_bytes([lo, hi]));
+                if pairs == 0 || pairs > self.pairs.len() {
+                    return err;
+                }
+                log::debug!("virtio-net: {pairs} queue pair(s) in use");
+                self.set_active_pairs(pairs);
+                ok
+            }
+            _ => err,
+        }
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn process_queue(&self, queue: usize) {
+        if Some(queue) == self.ctrl_index {
+            self.ctrl_run();
+            return;
+        }
+        let Some(pair) = self.pair_of(queue) else {
+            log::debug!("virtio-net: kick for unused queue {queue} ignored");
+            return;
+        };
+        if queue == pair.tx_index {
+            if self.tx_run(pair, false) > 0 {
+                self.arm_poll(pair);
+            }
+        } else {
+            self.rx_buffers_posted(pair);
+        }
+    }
+
+    fn completion_fd(&self, queue: usize) -> Option<RawFd> {
+        let pair = self.pair_of(queue)?;
+        (queue == pair.rx_index).then(|| pair.readiness.as_raw_fd())
+    }
+
+    /// The tap is readable, or the I/O thread polls an armed pair. Only the I/O thread calls
+    /// this, so the poll never keeps a vCPU from its guest.
+    fn process_completions(&self, queue: usize) {
+        let Some(pair) = self.pair_of(queue) else {
+            return;
+        };
+        if queue != pair.rx_index {
+            return;
+        }
+        if self.rx_run(pair) > 0 {
+            self.arm_poll(pair);
+        }
+        self.poll_pair(pair);
+    }
+
+    fn busy(&self, queue: usize) -> bool {
+        self.pair_of(queue)
+            .is_some_and(|p| queue == p.rx_index && p.poll_armed.load(Ordering::Acquire))
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+}
