@@ -276,9 +276,19 @@ impl BlkQueue {
         self.ring.lock().queue.kicks
     }
 
-    /// Harvests used entries: marks their slots done and calls `f(slot,
-    /// status)` for each. Returns how many completed.
+    /// Harvests used entries for a thread that owns the queue alone: calls
+    /// `f(slot, status)` for each and frees its slot. Returns how many.
     pub fn reap(&self, mut f: impl FnMut(u16, u8)) -> usize {
+        self.harvest(true, &mut f)
+    }
+
+    /// Harvests used entries on a queue threads share: marks each slot done
+    /// with its status; its owner frees it (`run`).
+    fn reap_shared(&self) -> usize {
+        self.harvest(false, &mut |_, _| {})
+    }
+
+    fn harvest(&self, free_slots: bool, f: &mut dyn FnMut(u16, u8)) -> usize {
         let mut ring = self.ring.lock();
         let mut count = 0;
         while let Some((id, _len)) = ring.queue.pop_used() {
@@ -291,9 +301,11 @@ impl BlkQueue {
             let state = &self.slots[slot as usize];
             state.status.store(status, Ordering::Relaxed);
             state.state.store(SLOT_DONE, Ordering::Release);
-            let free = ring.free_count;
-            ring.free[free] = slot;
-            ring.free_count = free + 1;
+            if free_slots {
+                let free = ring.free_count;
+                ring.free[free] = slot;
+                ring.free_count = free + 1;
+            }
             count += 1;
             f(slot, status);
         }
@@ -303,10 +315,23 @@ impl BlkQueue {
         count
     }
 
+    fn release(&self, slot: u16) {
+        let mut ring = self.ring.lock();
+        self.slots[slot as usize].state.store(SLOT_FREE, Ordering::Relaxed);
+        let free = ring.free_count;
+        ring.free[free] = slot;
+        ring.free_count = free + 1;
+    }
+
     /// Waits for the next completion: spinning on the used ring when
-    /// polling; for the queue's interrupt when completion=irq. False if an
-    /// expected interrupt never came.
+    /// polling; for the queue's interrupt when completion=irq. Returns early
+    /// once `done()` (another thread harvested what we wait for). False if
+    /// an expected interrupt never came.
     pub fn wait(&self) -> bool {
+        self.wait_until(&|| false)
+    }
+
+    fn wait_until(&self, done: &dyn Fn() -> bool) -> bool {
         match (self.completion, self.vector) {
             (Completion::Irq, Some(vector)) => {
                 let counter = &INTERRUPT_COUNTS[vector as usize];
@@ -320,6 +345,9 @@ impl BlkQueue {
                 }
                 let deadline = x86::rdtsc() + tsc::ns_to_ticks(IRQ_TIMEOUT_NS);
                 while counter.load(Ordering::Acquire) == seen {
+                    if done() {
+                        return true;
+                    }
                     if x86::rdtsc() > deadline {
                         return false;
                     }
@@ -329,7 +357,7 @@ impl BlkQueue {
                 true
             }
             _ => {
-                while !self.ring.lock().queue.has_used() {
+                while !self.ring.lock().queue.has_used() && !done() {
                     x86::pause();
                 }
                 true
@@ -337,27 +365,29 @@ impl BlkQueue {
         }
     }
 
-    /// One request, start to finish. `Err(())` if its interrupt was lost.
+    /// One request, start to finish; safe on a queue other threads use the
+    /// same way. `Err(())` if its interrupt was lost.
     pub fn run(&self, req: &Request) -> Result<u8, ()> {
         let slot = loop {
             match self.submit(req) {
                 Ok(slot) => break slot,
                 Err(SubmitError::TooLarge) => return Ok(S_UNSUPP),
                 Err(SubmitError::Full) => {
-                    self.reap(|_, _| {});
+                    self.reap_shared();
                     x86::pause();
                 }
             }
         };
         self.publish();
         let state = &self.slots[slot as usize];
-        while state.state.load(Ordering::Acquire) != SLOT_DONE {
-            if self.reap(|_, _| {}) == 0 && state.state.load(Ordering::Acquire) != SLOT_DONE && !self.wait() {
+        let done = || state.state.load(Ordering::Acquire) == SLOT_DONE;
+        while !done() {
+            if self.reap_shared() == 0 && !done() && !self.wait_until(&done) {
                 return Err(());
             }
         }
         let status = state.status.load(Ordering::Relaxed);
-        state.state.store(SLOT_FREE, Ordering::Relaxed);
+        self.release(slot);
         Ok(status)
     }
 
