@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod exit;
+pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod terminal;
@@ -192,6 +193,7 @@ impl Vm {
             &pio_bus,
             &mmio_bus,
             &config.disks,
+            &config.nets,
             config.max_ioeventfds,
         )?;
 
