@@ -24,6 +24,9 @@ use vm_memory::GuestMemoryMmap;
 use crate::blk::{BlkDeviceError, BlkOptions, VirtioBlk};
 use crate::config::BlkConfig;
 use crate::ioevent::{CappedRegistrar, IoeventRegistrar};
+use crate::net::{
+    IoeventfdPolicy, NetConfig, NetDeviceError, NetOptions, Tap, TapError, VirtioNet,
+};
 use crate::transport::{TransportError, TransportOptions, VirtioPciDevice};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,14 @@ pub enum AttachError {
     Pci { id: String, source: PciError },
     #[error("two devices are called `{0}`")]
     DuplicateId(String),
+    #[error("net {id}: {source}")]
+    Tap { id: String, source: TapError },
+    #[error("net {id}: {source}")]
+    NetDevice { id: String, source: NetDeviceError },
+    #[error("net {id}: {source}")]
+    NetTransport { id: String, source: TransportError },
+    #[error("net {id}: {source}")]
+    NetPci { id: String, source: PciError },
 }
 
 /// VM-wide PCI options.
@@ -65,6 +76,7 @@ pub struct PciDevices {
     options: PciOptions,
     devices: Vec<(String, SharedVirtioDevice)>,
     disks: usize,
+    nets: usize,
 }
 
 impl PciDevices {
@@ -111,6 +123,7 @@ impl PciDevices {
             options,
             devices: Vec::new(),
             disks: 0,
+            nets: 0,
         })
     }
 
@@ -196,6 +209,95 @@ impl PciDevices {
         );
         self.devices.push((id.clone(), device));
         self.disks += 1;
+        Ok(id)
+    }
+
+    /// Opens (or creates) the tap, builds a virtio-net device behind a virtio-pci transport,
+    /// and places it in the next free slot. Returns the device's id.
+    pub fn add_net(&mut self, config: &NetConfig) -> Result<String, AttachError> {
+        let id = config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("net{}", self.nets));
+        if self.device(&id).is_some() {
+            return Err(AttachError::DuplicateId(id));
+        }
+        let tap = Tap::open(&config.tap, usize::from(config.queues)).map_err(|source| {
+            AttachError::Tap {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        let mac = config
+            .mac
+            .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + self.nets as u8]);
+        let net = VirtioNet::new(
+            Arc::new(tap),
+            NetOptions {
+                mac,
+                pairs: config.queues,
+                queue_size: config.queue_size,
+            },
+        )
+        .map_err(|source| AttachError::NetDevice {
+            id: id.clone(),
+            source,
+        })?;
+        let slot = self
+            .root
+            .lock()
+            .unwrap()
+            .free_slot()
+            .map_err(|source| AttachError::NetPci {
+                id: id.clone(),
+                source,
+            })?;
+        // `auto`: ioeventfd, and the I/O thread polls the pair for `poll_us` after activity
+        // (see `IoeventfdPolicy` for why).
+        let (ioeventfd, poll_us) = match config.ioeventfd {
+            IoeventfdPolicy::On => (true, 0),
+            IoeventfdPolicy::Off => (false, 0),
+            IoeventfdPolicy::Auto => (true, config.poll_us),
+        };
+        let transport = VirtioPciDevice::new(
+            &id,
+            Box::new(net),
+            self.mem.clone(),
+            TransportOptions {
+                kind: config.transport,
+                ioeventfd,
+                poll: Duration::from_micros(u64::from(poll_us)),
+                intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
+            },
+            self.router.clone(),
+            self.registrar.clone(),
+        )
+        .map_err(|source| AttachError::NetTransport {
+            id: id.clone(),
+            source,
+        })?;
+        let device = Arc::new(Mutex::new(transport));
+        self.root
+            .lock()
+            .unwrap()
+            .add_device(slot, device.clone(), &mut self.allocator)
+            .map_err(|source| AttachError::NetPci {
+                id: id.clone(),
+                source,
+            })?;
+        log::info!(
+            "{id}: tap {} at 00:{slot:02x}.0 ({}, mac {}, {} queue pair(s), ioeventfd={})",
+            config.tap,
+            config.transport.name(),
+            mac.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+            config.queues,
+            config.ioeventfd.name()
+        );
+        self.devices.push((id.clone(), device));
+        self.nets += 1;
         Ok(id)
     }
 

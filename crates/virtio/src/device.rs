@@ -59,6 +59,15 @@ pub trait QueueHandler: Send + Sync {
     fn completion_fd(&self, queue: usize) -> Option<RawFd>;
     /// `queue`'s completion fd is readable (or the I/O thread is polling).
     fn process_completions(&self, queue: usize);
+    /// The polling I/O thread's turn on an ioeventfd queue: like [`Self::process_queue`] but
+    /// leaves driver notifications off (the thread will look again). Returns whether anything
+    /// was taken or completed.
+    fn poll_queue(&self, queue: usize) -> bool {
+        self.process_queue(queue);
+        false
+    }
+    /// Polling of `queue` stops: notifications back on, and a last look at the ring.
+    fn rearm(&self, _queue: usize) {}
     /// Requests of `queue` are in flight: the I/O thread may poll rather than sleep.
     fn busy(&self, queue: usize) -> bool;
     fn num_queues(&self) -> usize;

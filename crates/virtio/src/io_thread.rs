@@ -166,11 +166,26 @@ impl KickWatcher for IoThread {
     }
 }
 
+/// Queues the thread is polling (ioeventfd queues it took work from), with the time of the
+/// last progress; polling ends `poll` after that, with every polled queue re-armed.
+struct Polling {
+    queues: Vec<usize>,
+    last_progress: Instant,
+}
+
 fn run(shared: &Shared) {
     let mut events = vec![EpollEvent::default(); 64];
-    let mut poll_until: Option<Instant> = None;
+    let mut polling = Polling {
+        queues: Vec::new(),
+        last_progress: Instant::now(),
+    };
+    let mut busy_until: Option<Instant> = None;
     loop {
-        let timeout = if poll_until.is_some() { 0 } else { -1 };
+        let timeout = if polling.queues.is_empty() && busy_until.is_none() {
+            -1
+        } else {
+            0
+        };
         let count = match shared.epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -187,38 +202,95 @@ fn run(shared: &Shared) {
         }
         let handler = shared.handler.lock().unwrap().clone();
         for event in &events[..count] {
-            dispatch(shared, handler.as_ref(), event.data());
+            dispatch(shared, handler.as_ref(), event.data(), &mut polling);
         }
         let Some(handler) = handler else {
-            poll_until = None;
+            polling.queues.clear();
+            busy_until = None;
             continue;
         };
-        if shared.poll.is_zero() {
-            continue;
+        poll_watched_queues(shared, &handler, &mut polling);
+        busy_until = poll_busy_queues(shared, &handler, count > 0, busy_until);
+    }
+}
+
+fn is_watched(shared: &Shared, queue: usize) -> bool {
+    shared.kicks.lock().unwrap().contains_key(&queue)
+}
+
+/// ioeventfd queues: look at the rings without waiting for a kick (the driver was told not to
+/// send one), for `poll` after the last progress; then turn notifications back on.
+fn poll_watched_queues(shared: &Shared, handler: &Arc<dyn QueueHandler>, polling: &mut Polling) {
+    if polling.queues.is_empty() {
+        return;
+    }
+    let mut progress = false;
+    polling.queues.retain(|&queue| {
+        if !is_watched(shared, queue) {
+            // Switched to sync mode meanwhile: the queue must not stay silenced.
+            handler.rearm(queue);
+            return false;
         }
-        // Busy: reap without waiting for the completion fd to wake us, for a bounded time
-        // after the last request went out.
-        let busy: Vec<usize> = (0..handler.num_queues())
-            .filter(|&q| handler.busy(q))
-            .collect();
-        if busy.is_empty() {
-            poll_until = None;
-        } else {
-            if count > 0 || poll_until.is_none() {
-                poll_until = Some(Instant::now() + shared.poll);
-            }
-            for queue in busy {
-                handler.process_completions(queue);
-            }
-            if poll_until.is_some_and(|t| Instant::now() >= t) {
-                poll_until = None;
-            }
+        progress |= handler.poll_queue(queue);
+        true
+    });
+    let now = Instant::now();
+    if progress {
+        polling.last_progress = now;
+    } else if now.duration_since(polling.last_progress) >= shared.poll {
+        for queue in polling.queues.drain(..) {
+            handler.rearm(queue);
         }
     }
 }
 
-fn dispatch(shared: &Shared, handler: Option<&Arc<dyn QueueHandler>>, token: u64) {
+/// Sync-mode queues with requests in flight: reap without waiting for the completion fd, for
+/// a bounded time.
+fn poll_busy_queues(
+    shared: &Shared,
+    handler: &Arc<dyn QueueHandler>,
+    had_events: bool,
+    busy_until: Option<Instant>,
+) -> Option<Instant> {
+    if shared.poll.is_zero() {
+        return None;
+    }
+    let busy: Vec<usize> = (0..handler.num_queues())
+        .filter(|&q| handler.busy(q) && !is_watched(shared, q))
+        .collect();
+    if busy.is_empty() {
+        return None;
+    }
+    let until = match busy_until {
+        Some(t) if !had_events => t,
+        _ => Instant::now() + shared.poll,
+    };
+    for queue in busy {
+        handler.process_completions(queue);
+    }
+    (Instant::now() < until).then_some(until)
+}
+
+fn dispatch(
+    shared: &Shared,
+    handler: Option<&Arc<dyn QueueHandler>>,
+    token: u64,
+    polling: &mut Polling,
+) {
     let index = (token & !KIND_MASK) as usize;
+    let Some(handler) = handler else {
+        // Nothing to serve: still consume level-triggered fds so the loop does not spin.
+        match token & KIND_MASK {
+            0 => drop(shared.control.read()),
+            KIND_KICK => {
+                if let Some(kick) = shared.kicks.lock().unwrap().get(&index) {
+                    let _ = kick.read();
+                }
+            }
+            _ => {}
+        }
+        return;
+    };
     match token & KIND_MASK {
         0 => {
             let _ = shared.control.read();
@@ -231,12 +303,12 @@ fn dispatch(shared: &Shared, handler: Option<&Arc<dyn QueueHandler>>, token: u64
             if let Some(counters) = shared.counters.get(index) {
                 QueueCounters::add(&counters.kicks_ioeventfd, kicks);
             }
-            if let Some(handler) = handler {
-                handler.process_queue(index);
-            }
+            take_work(shared, handler, index, polling);
         }
         KIND_COMPLETION => {
-            if let Some(handler) = handler {
+            if is_watched(shared, index) {
+                take_work(shared, handler, index, polling);
+            } else {
                 handler.process_completions(index);
             }
         }
@@ -247,6 +319,25 @@ fn dispatch(shared: &Shared, handler: Option<&Arc<dyn QueueHandler>>, token: u64
             }
         }
         _ => log::debug!("{}: unknown epoll token {token:#x}", shared.name),
+    }
+}
+
+/// Work on an ioeventfd queue: with polling, leave notifications off and keep looking;
+/// without, the plain process-and-rearm.
+fn take_work(
+    shared: &Shared,
+    handler: &Arc<dyn QueueHandler>,
+    queue: usize,
+    polling: &mut Polling,
+) {
+    if shared.poll.is_zero() {
+        handler.process_queue(queue);
+        return;
+    }
+    handler.poll_queue(queue);
+    polling.last_progress = Instant::now();
+    if !polling.queues.contains(&queue) {
+        polling.queues.push(queue);
     }
 }
 

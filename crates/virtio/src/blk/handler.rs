@@ -97,23 +97,29 @@ impl BlkHandler {
         }
     }
 
-    fn run(&self, index: usize) {
+    /// Reaps, takes what is available, submits. With `rearm`, ends by enabling driver
+    /// notifications (unless requests are in flight); without, leaves them off because the
+    /// caller (the polling I/O thread) will come back. Returns whether anything happened.
+    fn run(&self, index: usize, rearm: bool) -> bool {
         let Some(slot) = self.queues.get(index) else {
             log::debug!("virtio-blk: kick for nonexistent queue {index} ignored");
-            return;
+            return false;
         };
         let mut guard = slot.lock().unwrap();
-        let Some(state) = guard.as_mut() else { return };
+        let Some(state) = guard.as_mut() else {
+            return false;
+        };
         if state.broken {
             // Keep the engine's completion fd from staying readable; the guest gets nothing
             // more from a broken ring.
             state.engine.reap(&mut state.completions);
             state.completions.clear();
-            return;
+            return false;
         }
         let counters = &self.counters[index];
         let mut used = self.reap(state);
-        match self.take_available(state, counters, &mut used) {
+        let mut popped = 0;
+        match self.take_available(state, counters, &mut used, &mut popped, rearm) {
             Outcome::Done => {}
             Outcome::Fatal(reason) => {
                 log::warn!("virtio-blk queue {index}: {reason}; device needs reset");
@@ -130,6 +136,7 @@ impl BlkHandler {
                 Err(_) => self.interrupt.signal_queue(index),
             }
         }
+        used > 0 || popped > 0
     }
 
     fn take_available(
@@ -137,6 +144,8 @@ impl BlkHandler {
         state: &mut BlkQueue,
         counters: &QueueCounters,
         used: &mut usize,
+        total_popped: &mut usize,
+        rearm: bool,
     ) -> Outcome {
         if state.queue.disable_notification(&self.mem).is_err() {
             return Outcome::Fatal("used ring not writable");
@@ -146,6 +155,7 @@ impl BlkHandler {
             let mut submitted = false;
             while let Some(chain) = state.queue.pop_descriptor_chain(&self.mem) {
                 popped += 1;
+                *total_popped += 1;
                 QueueCounters::add(&counters.requests, 1);
                 let head = chain.head_index();
                 match parse(chain, &self.mem, &self.limits) {
@@ -203,8 +213,11 @@ impl BlkHandler {
                 // Some engines finish during commit.
                 *used += self.reap(state);
             }
-            if state.engine.in_flight() > 0 {
-                // Completions will come back here; kicks meanwhile would be wasted.
+            if popped == 0 && self.avail_index_out_of_range(&state.queue) {
+                return Outcome::Fatal("available index out of range");
+            }
+            if !rearm || state.engine.in_flight() > 0 {
+                // The poller or the completions come back here; kicks meanwhile are wasted.
                 return Outcome::Done;
             }
             match state.queue.enable_notification(&self.mem) {
@@ -283,7 +296,15 @@ impl BlkHandler {
 
 impl QueueHandler for BlkHandler {
     fn process_queue(&self, queue: usize) {
-        self.run(queue);
+        self.run(queue, true);
+    }
+
+    fn poll_queue(&self, queue: usize) -> bool {
+        self.run(queue, false)
+    }
+
+    fn rearm(&self, queue: usize) {
+        self.run(queue, true);
     }
 
     fn completion_fd(&self, queue: usize) -> Option<RawFd> {
@@ -291,7 +312,7 @@ impl QueueHandler for BlkHandler {
     }
 
     fn process_completions(&self, queue: usize) {
-        self.run(queue);
+        self.run(queue, true);
     }
 
     fn busy(&self, queue: usize) -> bool {

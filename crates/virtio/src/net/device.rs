@@ -2,7 +2,6 @@
 //! (activate hands each queue pair its tap queue; reset stops using them).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
@@ -33,9 +32,6 @@ pub struct NetOptions {
     pub mac: [u8; 6],
     pub pairs: u16,
     pub queue_size: u16,
-    /// Keep serving a queue pair by polling this long after its last activity (zero: never),
-    /// with TX notifications off meanwhile: the `auto` policy.
-    pub poll: Duration,
 }
 
 pub struct VirtioNet {
@@ -154,7 +150,6 @@ impl VirtioDevice for VirtioNet {
             activation,
             self.backend.clone(),
             usize::from(self.options.pairs),
-            self.options.poll,
         )?);
         self.handler = Some(handler.clone());
         Ok(handler)

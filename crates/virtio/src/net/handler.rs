@@ -1,5 +1,10 @@
 //! virtio-net's queue handler: TX on the kick, RX when the tap is readable or the guest posts
-//! buffers, the control queue, and the bounded poll of the `auto` policy.
+//! buffers, the control queue, and the I/O thread's bounded poll (the `auto` policy).
+//!
+//! When the I/O thread polls (transport `poll` > 0), a pair is served as one: the poll of
+//! either queue looks at the tap and at the TX ring with TX notifications left off, because an
+//! echo's reply follows its request and a stream's next frame follows the last. `rearm` turns
+//! TX notifications back on and re-checks the ring.
 //!
 //! Each queue pair has its own locks and its own tap queue, so pairs never wait for each
 //! other. The I/O thread learns of RX work through one epoll descriptor per pair that holds
@@ -12,7 +17,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -29,8 +33,6 @@ use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
-/// The longest one poll may keep the I/O thread while work keeps coming.
-const MAX_POLL_SLICE: Duration = Duration::from_micros(500);
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
@@ -41,8 +43,7 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     pub rx_frames: AtomicU64,
     pub rx_dropped: AtomicU64,
-    /// Poll slices the `auto` policy ran, and the frames they found without a notification.
-    pub polls: AtomicU64,
+    /// Frames the I/O thread's poll found (TX without a kick, RX without waiting for epoll).
     pub polled_frames: AtomicU64,
 }
 
@@ -77,8 +78,6 @@ struct Pair {
     /// Holds `fd` while the guest has RX buffers; the I/O thread watches this.
     readiness: Epoll,
     tap_watched: AtomicBool,
-    /// Activity since the last poll slice: the I/O thread should poll this pair.
-    poll_armed: AtomicBool,
 }
 
 enum RxOutcome {
@@ -100,7 +99,6 @@ pub struct NetHandler {
     ctrl_index: Option<usize>,
     ctrl: Mutex<Option<Queue>>,
     num_queues: usize,
-    poll: Duration,
     pub stats: NetStats,
 }
 
@@ -113,7 +111,6 @@ impl NetHandler {
         activation: Activation,
         backend: Arc<dyn NetBackend>,
         max_pairs: usize,
-        poll: Duration,
     ) -> Result<Self, ActivateError> {
         let acked = activation.acked_features;
         let mq = has(acked, VIRTIO_NET_F_MQ) && has(acked, VIRTIO_NET_F_CTRL_VQ);
@@ -172,7 +169,6 @@ impl NetHandler {
                 fd: backend.queue_fd(i),
                 readiness,
                 tap_watched: AtomicBool::new(false),
-                poll_armed: AtomicBool::new(false),
             });
         }
         let handler = Self {
@@ -187,7 +183,6 @@ impl NetHandler {
             ctrl_index,
             ctrl: Mutex::new(ctrl),
             num_queues,
-            poll,
             stats: NetStats::default(),
         };
         // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
@@ -254,15 +249,9 @@ impl NetHandler {
         }
     }
 
-    fn arm_poll(&self, pair: &Pair) {
-        if !self.poll.is_zero() {
-            pair.poll_armed.store(true, Ordering::Release);
-        }
-    }
-
     // ---- TX ----
 
-    /// Sends everything the driver made available. With `keep_quiet` (inside a poll slice)
+    /// Sends everything the driver made available. With `keep_quiet` (the I/O thread polls)
     /// driver notifications stay off on return; otherwise they are back on and the ring was
     /// re-checked after, so no kick can be lost.
     fn tx_run(&self, pair: &Pair, keep_quiet: bool) -> usize {
@@ -295,7 +284,7 @@ impl NetHandler {
                     }
                 }
                 if keep_quiet {
-                    // The poll slice comes back to the ring; kicks would only cost the guest.
+                    // The poller comes back to the ring; kicks would only cost the guest.
                     return Ok(());
                 }
                 match tx.queue.enable_notification(&self.mem) {
@@ -599,50 +588,35 @@ impl NetHandler {
     }
 
     /// The driver posted RX buffers: a frame held back, or the tap, can move again.
-    fn rx_buffers_posted(&self, pair: &Pair) {
+    fn rx_buffers_posted(&self, pair: &Pair) -> usize {
         {
             let mut guard = pair.rx.lock().unwrap();
-            let Some(rx) = guard.as_mut() else { return };
+            let Some(rx) = guard.as_mut() else { return 0 };
             if rx.broken {
-                return;
+                return 0;
+            }
+            if !pair.tap_watched.load(Ordering::SeqCst) {
+                let posted = rx
+                    .queue
+                    .avail_idx(&self.mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != rx.queue.next_avail());
+                if !posted {
+                    return 0;
+                }
             }
             let _ = rx.queue.disable_notification(&self.mem);
         }
         self.watch_tap(pair, true);
-        if self.rx_run(pair) > 0 {
-            self.arm_poll(pair);
-        }
+        self.rx_run(pair)
     }
 
-    // ---- the auto policy's poll ----
-
-    /// Serves `pair` by polling, TX notifications off, until nothing happened for `poll`
-    /// (or one slice is used up); then notifications go back on, and the ring is re-checked.
-    fn poll_pair(&self, pair: &Pair) {
-        if !pair.poll_armed.swap(false, Ordering::AcqRel) {
-            return;
+    /// One look at the whole pair for the polling I/O thread; TX notifications stay off.
+    fn poll_pair(&self, pair: &Pair) -> bool {
+        let found = self.rx_buffers_posted(pair) + self.tx_run(pair, true);
+        if found > 0 {
+            add(&self.stats.polled_frames, found as u64);
         }
-        add(&self.stats.polls, 1);
-        let start = Instant::now();
-        let mut last_work = start;
-        loop {
-            let found = self.tx_run(pair, true) + self.rx_run(pair);
-            let now = Instant::now();
-            if found > 0 {
-                add(&self.stats.polled_frames, found as u64);
-                last_work = now;
-            }
-            if now.duration_since(last_work) >= self.poll
-                || now.duration_since(start) >= MAX_POLL_SLICE
-            {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        if self.tx_run(pair, false) > 0 || last_work != start {
-            // Still busy: another slice after the I/O thread looked at its other events.
-            self.arm_poll(pair);
-        }
+        found > 0
     }
 
     // ---- control queue ----
@@ -731,9 +705,7 @@ impl QueueHandler for NetHandler {
             return;
         };
         if queue == pair.tx_index {
-            if self.tx_run(pair, false) > 0 {
-                self.arm_poll(pair);
-            }
+            self.tx_run(pair, false);
         } else {
             self.rx_buffers_posted(pair);
         }
@@ -744,24 +716,33 @@ impl QueueHandler for NetHandler {
         (queue == pair.rx_index).then(|| pair.readiness.as_raw_fd())
     }
 
-    /// The tap is readable, or the I/O thread polls an armed pair. Only the I/O thread calls
-    /// this, so the poll never keeps a vCPU from its guest.
+    /// The tap is readable.
     fn process_completions(&self, queue: usize) {
-        let Some(pair) = self.pair_of(queue) else {
-            return;
-        };
-        if queue != pair.rx_index {
-            return;
+        if let Some(pair) = self.pair_of(queue).filter(|p| queue == p.rx_index) {
+            self.rx_run(pair);
         }
-        if self.rx_run(pair) > 0 {
-            self.arm_poll(pair);
-        }
-        self.poll_pair(pair);
     }
 
-    fn busy(&self, queue: usize) -> bool {
-        self.pair_of(queue)
-            .is_some_and(|p| queue == p.rx_index && p.poll_armed.load(Ordering::Acquire))
+    fn poll_queue(&self, queue: usize) -> bool {
+        if Some(queue) == self.ctrl_index {
+            self.ctrl_run();
+            return false;
+        }
+        match self.pair_of(queue) {
+            Some(pair) => self.poll_pair(pair),
+            None => false,
+        }
+    }
+
+    fn rearm(&self, queue: usize) {
+        if let Some(pair) = self.pair_of(queue) {
+            self.tx_run(pair, false);
+        }
+    }
+
+    /// Nothing is ever in flight: a frame is written or read whole within one call.
+    fn busy(&self, _queue: usize) -> bool {
+        false
     }
 
     fn num_queues(&self) -> usize {

@@ -6,7 +6,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
@@ -172,12 +171,7 @@ fn ring_addr(q: usize) -> u64 {
     q as u64 * 0x1_0000
 }
 
-fn guest(
-    mem: &GuestMemoryMmap,
-    pairs: u16,
-    acked: impl Fn(u64) -> u64,
-    poll: Duration,
-) -> Guest<'_> {
+fn guest(mem: &GuestMemoryMmap, pairs: u16, acked: impl Fn(u64) -> u64) -> Guest<'_> {
     let backend = PairBackend::new(usize::from(pairs));
     let mut net = VirtioNet::new(
         backend.clone(),
@@ -185,7 +179,6 @@ fn guest(
             mac: [2, 0, 0, 0, 0, 7],
             pairs,
             queue_size: QUEUE_LEN,
-            poll,
         },
     )
     .unwrap();
@@ -309,7 +302,7 @@ fn put_tx(mem: &GuestMemoryMmap, at: u64, header: &VnetHeader, frame: &[u8]) -> 
 #[test]
 fn tx_frame_split_over_descriptors_reaches_the_tap_whole_with_its_header() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let frame = eth_frame(1000, 1);
     let len = put_tx(&mem, BUF, &VnetHeader::default(), &frame);
     let head = g.offer(
@@ -331,7 +324,7 @@ fn tx_frame_split_over_descriptors_reaches_the_tap_whole_with_its_header() {
 #[test]
 fn tx_batch_of_frames_is_sent_in_order_with_one_interrupt() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     for i in 0..8u64 {
         let len = put_tx(
             &mem,
@@ -355,7 +348,7 @@ fn expect_tx_dropped(
     acked: fn(u64) -> u64,
 ) {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, acked, Duration::ZERO);
+    let mut g = guest(&mem, 1, acked);
     let chain = buffers(&mem);
     let head = g.offer(1, &chain);
     g.handler.process_queue(1);
@@ -483,7 +476,7 @@ fn tx_checksum_request_outside_the_frame_is_dropped() {
 #[test]
 fn tx_descriptor_loop_neither_hangs_nor_sends() {
     let mem = guest_memory(MEM_SIZE);
-    let g = guest(&mem, 1, all, Duration::ZERO);
+    let g = guest(&mem, 1, all);
     put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 0));
     // 0 -> 1 -> 0 -> ...
     g.rings[1]
@@ -496,7 +489,7 @@ fn tx_descriptor_loop_neither_hangs_nor_sends() {
 #[test]
 fn tx_available_index_beyond_the_ring_sets_needs_reset_without_hanging() {
     let mem = guest_memory(MEM_SIZE);
-    let g = guest(&mem, 1, all, Duration::ZERO);
+    let g = guest(&mem, 1, all);
     mem.write_obj::<u16>(QUEUE_LEN + 5, g.rings[1].avail_addr().unchecked_add(2))
         .unwrap();
     g.handler.process_queue(1);
@@ -506,7 +499,7 @@ fn tx_available_index_beyond_the_ring_sets_needs_reset_without_hanging() {
 #[test]
 fn gso_frame_with_host_tso_negotiated_goes_out_with_its_header() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let hdr = VnetHeader {
         flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
         gso_type: VIRTIO_NET_HDR_GSO_TCPV4 as u8,
@@ -540,7 +533,7 @@ fn tap_frame(hdr: &VnetHeader, frame: &[u8]) -> Vec<u8> {
 #[test]
 fn rx_frame_from_the_tap_lands_in_a_posted_buffer_with_num_buffers_one() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let head = g.offer(0, &[(BUF, 2048, true)]);
     g.handler.process_queue(0);
     let frame = eth_frame(600, 5);
@@ -572,7 +565,7 @@ fn readable(fd: RawFd) -> bool {
 #[test]
 fn rx_without_buffers_leaves_frames_in_the_tap_and_stops_watching_it_until_buffers_come() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let watch = g.handler.completion_fd(0).unwrap();
     for i in 0..3 {
         g.backend
@@ -606,7 +599,7 @@ fn rx_without_buffers_leaves_frames_in_the_tap_and_stops_watching_it_until_buffe
 #[test]
 fn rx_kick_is_requested_only_when_buffers_run_out() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let avail_event = |g: &Guest| {
         mem.read_obj::<u16>(
             g.rings[0]
@@ -630,12 +623,7 @@ fn rx_kick_is_requested_only_when_buffers_run_out() {
 #[test]
 fn rx_frame_too_big_for_a_buffer_without_mrg_rxbuf_is_dropped_and_the_buffer_kept() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(
-        &mem,
-        1,
-        |f| f & !(1 << VIRTIO_NET_F_MRG_RXBUF),
-        Duration::ZERO,
-    );
+    let mut g = guest(&mem, 1, |f| f & !(1 << VIRTIO_NET_F_MRG_RXBUF));
     let head = g.offer(0, &[(BUF, 256, true)]);
     g.handler.process_queue(0);
     g.backend
@@ -654,7 +642,7 @@ fn rx_frame_too_big_for_a_buffer_without_mrg_rxbuf_is_dropped_and_the_buffer_kep
 #[test]
 fn rx_large_gso_frame_is_spread_over_merged_buffers_published_at_once() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     let heads: Vec<u16> = (0..8u64)
         .map(|i| g.offer(0, &[(BUF + i * 0x1000, 1536, true)]))
         .collect();
@@ -692,7 +680,7 @@ fn rx_large_gso_frame_is_spread_over_merged_buffers_published_at_once() {
 #[test]
 fn rx_frame_waits_when_merged_buffers_are_too_few_then_completes() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     g.offer(0, &[(BUF, 1536, true)]);
     g.handler.process_queue(0);
     let frame = eth_frame(3000, 2);
@@ -709,7 +697,7 @@ fn rx_frame_waits_when_merged_buffers_are_too_few_then_completes() {
 #[test]
 fn rx_chain_with_a_device_readable_buffer_sets_needs_reset() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     g.offer(0, &[(BUF, 2048, false)]);
     g.backend
         .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
@@ -724,7 +712,7 @@ fn rx_chain_with_a_device_readable_buffer_sets_needs_reset() {
 #[test]
 fn rx_buffer_outside_guest_memory_sets_needs_reset_without_writing() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     g.offer(0, &[(MEM_SIZE as u64 - 16, 2048, true)]);
     g.backend
         .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
@@ -738,7 +726,7 @@ fn rx_buffer_outside_guest_memory_sets_needs_reset_without_writing() {
 #[test]
 fn config_space_has_the_mac_link_up_and_the_queue_pairs() {
     let mem = guest_memory(MEM_SIZE);
-    let g = guest(&mem, 2, all, Duration::ZERO);
+    let g = guest(&mem, 2, all);
     let mut config = [0u8; 10];
     g.net.read_config(0, &mut config);
     assert_eq!(&config[..6], &[2, 0, 0, 0, 0, 7]);
@@ -769,24 +757,16 @@ fn config_space_has_the_mac_link_up_and_the_queue_pairs() {
 #[test]
 fn activation_tells_the_tap_the_header_size_and_the_guest_offloads() {
     let mem = guest_memory(MEM_SIZE);
-    let g = guest(&mem, 1, all, Duration::ZERO);
+    let g = guest(&mem, 1, all);
     assert_eq!(
         g.backend.offload.load(Ordering::SeqCst),
         libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN
     );
-    let legacy = guest(
-        &mem,
-        1,
-        |f| f & !(1 << VIRTIO_F_VERSION_1) & !(1 << VIRTIO_NET_F_MRG_RXBUF),
-        Duration::ZERO,
-    );
+    let legacy = guest(&mem, 1, |f| {
+        f & !(1 << VIRTIO_F_VERSION_1) & !(1 << VIRTIO_NET_F_MRG_RXBUF)
+    });
     assert_eq!(legacy.backend.hdr_len.load(Ordering::SeqCst), 10);
-    let plain = guest(
-        &mem,
-        1,
-        |f| f & !(1 << VIRTIO_NET_F_GUEST_CSUM),
-        Duration::ZERO,
-    );
+    let plain = guest(&mem, 1, |f| f & !(1 << VIRTIO_NET_F_GUEST_CSUM));
     assert_eq!(
         plain.backend.offload.load(Ordering::SeqCst),
         0,
@@ -797,12 +777,9 @@ fn activation_tells_the_tap_the_header_size_and_the_guest_offloads() {
 #[test]
 fn legacy_header_without_num_buffers_passes_through() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(
-        &mem,
-        1,
-        |f| f & !(1 << VIRTIO_F_VERSION_1) & !(1 << VIRTIO_NET_F_MRG_RXBUF),
-        Duration::ZERO,
-    );
+    let mut g = guest(&mem, 1, |f| {
+        f & !(1 << VIRTIO_F_VERSION_1) & !(1 << VIRTIO_NET_F_MRG_RXBUF)
+    });
     let frame = eth_frame(80, 4);
     let mut bytes = vec![0u8; 10];
     bytes.extend_from_slice(&frame);
@@ -829,7 +806,7 @@ fn ctrl_command(g: &mut Guest, ctrl: usize, class: u8, cmd: u8, data: &[u8]) -> 
 #[test]
 fn multiqueue_starts_on_one_pair_and_the_driver_enables_more_through_the_control_queue() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 2, all, Duration::ZERO);
+    let mut g = guest(&mem, 2, all);
     assert_eq!(*g.backend.enabled.lock().unwrap(), vec![true, false]);
     let ok = VIRTIO_NET_OK as u8;
     let err = VIRTIO_NET_ERR as u8;
@@ -853,70 +830,71 @@ fn multiqueue_starts_on_one_pair_and_the_driver_enables_more_through_the_control
 #[test]
 fn without_mq_the_control_queue_is_queue_two() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 2, |f| f & !(1 << VIRTIO_NET_F_MQ), Duration::ZERO);
+    let mut g = guest(&mem, 2, |f| f & !(1 << VIRTIO_NET_F_MQ));
     assert_eq!(
         ctrl_command(&mut g, 2, VIRTIO_NET_CTRL_RX as u8, 0, &[1]),
         VIRTIO_NET_OK as u8
     );
 }
 
-// ---- the auto policy's poll ----
+// ---- the I/O thread's poll (the auto policy) ----
+
+fn avail_event(g: &Guest, q: usize) -> u16 {
+    g.mem
+        .read_obj::<u16>(
+            g.rings[q]
+                .used_addr()
+                .unchecked_add(4 + 8 * u64::from(QUEUE_LEN)),
+        )
+        .unwrap()
+}
 
 #[test]
-fn poll_after_tx_picks_up_frames_without_a_kick_then_reenables_notifications() {
+fn polling_serves_the_pair_with_tx_kicks_off_until_rearmed() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::from_millis(20));
-    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 0));
+    let mut g = guest(&mem, 1, all);
+    g.offer(0, &[(BUF + 0x10_000, 2048, true)]);
+    // The tap has a frame: the poll of the RX queue delivers it...
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    assert!(g.handler.poll_queue(0));
+    assert_eq!(g.used_idx(0), 1);
+    // ...and the reply the driver queues next, without a kick, goes out on the next poll.
+    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 1));
     g.offer(1, &[(BUF, len, false)]);
-    g.handler.process_queue(1);
-    assert!(g.handler.busy(0), "activity arms the poll");
-    // A second frame the driver made available without kicking (it saw notifications off,
-    // or its kick is still on the way): the poll finds it.
-    let len = put_tx(
-        &mem,
-        BUF + 0x1000,
-        &VnetHeader::default(),
-        &eth_frame(64, 1),
-    );
-    g.offer(1, &[(BUF + 0x1000, len, false)]);
-    g.handler.process_completions(0);
-    assert_eq!(
-        g.backend.host_recv(0).unwrap()[HEADER_LEN..],
-        eth_frame(64, 0)[..]
-    );
+    assert!(g.handler.poll_queue(0));
     assert_eq!(
         g.backend.host_recv(0).unwrap()[HEADER_LEN..],
         eth_frame(64, 1)[..]
     );
-    assert!(g.stats().polled_frames.load(Ordering::Relaxed) >= 1);
-    // Slices end: once idle, nothing stays armed and the driver is asked to kick again.
-    while g.handler.busy(0) {
-        g.handler.process_completions(0);
-    }
-    let avail_event = mem
-        .read_obj::<u16>(
-            g.rings[1]
-                .used_addr()
-                .unchecked_add(4 + 8 * u64::from(QUEUE_LEN)),
-        )
-        .unwrap();
-    assert_eq!(avail_event, 2);
+    assert!(g.stats().polled_frames.load(Ordering::Relaxed) >= 2);
+    // While polled, the driver is not asked to kick (avail_event left behind)...
+    assert!(!g.handler.poll_queue(0));
+    assert_ne!(avail_event(&g, 1), 1);
+    // ...and rearming asks again, at the next index.
+    g.handler.rearm(0);
+    assert_eq!(avail_event(&g, 1), 1);
 }
 
 #[test]
-fn plain_modes_never_arm_the_poll() {
+fn rearm_sends_what_arrived_after_the_last_poll() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
-    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 0));
+    let mut g = guest(&mem, 1, all);
+    assert!(!g.handler.poll_queue(1));
+    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 2));
     g.offer(1, &[(BUF, len, false)]);
-    g.handler.process_queue(1);
-    assert!(!g.handler.busy(0));
+    g.handler.rearm(1);
+    assert_eq!(
+        g.backend.host_recv(0).unwrap()[HEADER_LEN..],
+        eth_frame(64, 2)[..]
+    );
+    assert!(!g.handler.busy(0) && !g.handler.busy(1));
 }
 
 #[test]
 fn reset_stops_the_queues_and_the_tap_watch() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest(&mem, 1, all, Duration::ZERO);
+    let mut g = guest(&mem, 1, all);
     g.backend
         .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
     g.net.reset();

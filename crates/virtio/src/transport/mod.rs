@@ -685,6 +685,22 @@ impl PciDevice for VirtioPciDevice {
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
+        // The run's notify-path record, one line per queue, before the queues go away.
+        for (index, report) in self.queue_reports().iter().enumerate() {
+            let c = report.counters;
+            log::info!(
+                "{} queue {index}: mode={} kicks_ioeventfd={} kicks_exit={} requests={} bytes={} \
+                 interrupts_sent={} interrupts_suppressed={}",
+                self.id,
+                report.mode,
+                c.kicks_ioeventfd,
+                c.kicks_exit,
+                c.requests,
+                c.bytes,
+                c.interrupts_sent,
+                c.interrupts_suppressed
+            );
+        }
         self.deactivate();
     }
 }
