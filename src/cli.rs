@@ -81,6 +81,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=PATH,...")]
     pub disk: Vec<kickvm_virtio::BlkConfig>,
 
+    /// A virtio-net device on a host tap; repeatable. `tap=NAME[,mac=MAC]
+    /// [,ioeventfd=on|off|auto][,transport=transitional|modern|legacy][,queues=N][,id=NAME]
+    /// [,queue_size=N][,poll_us=N]`. A missing tap is created (and gone at exit).
+    /// ioeventfd=auto (default): ioeventfd plus a bounded poll after activity.
+    #[arg(long, value_name = "tap=NAME,...")]
+    pub net: Vec<kickvm_virtio::NetConfig>,
+
     /// Refuse KVM ioeventfd registrations beyond N (as a kernel with a small I/O bus does);
     /// devices that hit the cap run their queues in sync mode.
     #[arg(long, value_name = "N")]
@@ -98,6 +105,7 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub cpu: CpuConfig,
     pub disks: Vec<kickvm_virtio::BlkConfig>,
+    pub nets: Vec<kickvm_virtio::NetConfig>,
     pub max_ioeventfds: Option<usize>,
 }
 
@@ -112,6 +120,7 @@ impl From<RunArgs> for VmConfig {
             serial: args.serial,
             cpu: args.cpu,
             disks: args.disk,
+            nets: args.net,
             max_ioeventfds: args.max_ioeventfds,
         }
     }

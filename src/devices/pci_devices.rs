@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kickvm_bus::Bus;
-use kickvm_virtio::{AttachError, BlkConfig, PciDevices, PciOptions};
+use kickvm_virtio::{AttachError, BlkConfig, NetConfig, PciDevices, PciOptions};
 use kvm_ioctls::VmFd;
 
 use crate::vmm::memory::GuestMemoryMmap;
@@ -15,6 +15,7 @@ pub fn attach(
     pio_bus: &Arc<Bus>,
     mmio_bus: &Arc<Bus>,
     disks: &[BlkConfig],
+    nets: &[NetConfig],
     max_ioeventfds: Option<usize>,
 ) -> Result<PciDevices, AttachError> {
     let mut pci = PciDevices::new(
@@ -30,6 +31,9 @@ pub fn attach(
     )?;
     for disk in disks {
         pci.add_disk(disk)?;
+    }
+    for net in nets {
+        pci.add_net(net)?;
     }
     Ok(pci)
 }
