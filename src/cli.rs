@@ -69,8 +69,8 @@ pub struct RunArgs {
 
     /// CPU model shown to the guest: `host` (all KVM supports), `pvm-safe` (avoids what the PVM
     /// CPL0 emulator cannot run: hides CMPXCHG16B and the other CPUID bits this KVM lets a VMM
-    /// clear, and appends `noxsave` to a Linux kernel's command line, since XSAVE cannot be
-    /// hidden through CPUID there), or `auto` (pvm-safe when /sys/module/kvm_pvm exists).
+    /// clear, and appends `noxsave clearcpuid=popcnt,...` to a Linux kernel's command line, since
+    /// PVM passes the host's other CPUID bits through), or `auto` (pvm-safe when /sys/module/kvm_pvm exists).
     #[arg(long, value_name = "auto|host|pvm-safe", default_value = "auto")]
     pub cpu: CpuConfig,
 

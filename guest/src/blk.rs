@@ -133,7 +133,14 @@ pub enum SubmitError {
 
 impl BlkQueue {
     /// `vector`: the MSI-X vector already routed to table entry `index`.
-    fn new(transport: &Transport, index: u16, opts: &Options, size_max: u32, seg_max: u32, vector: Option<u8>) -> Result<BlkQueue, Error> {
+    fn new(
+        transport: &Transport,
+        index: u16,
+        opts: &Options,
+        size_max: u32,
+        seg_max: u32,
+        vector: Option<u8>,
+    ) -> Result<BlkQueue, Error> {
         let max = transport.queue_max_size(index);
         if max == 0 {
             return Err(Error::QueueMissing);
@@ -154,25 +161,40 @@ impl BlkQueue {
             return Err(Error::QueueTooSmall);
         }
         let descs_per_slot = if opts.indirect { 0 } else { 2 + segments };
-        let slot_count = if opts.indirect { size } else { size / descs_per_slot };
+        let slot_count = if opts.indirect {
+            size
+        } else {
+            size / descs_per_slot
+        };
         let slot_count = slot_count.min(WANTED_QUEUE_SIZE);
         if slot_count == 0 {
             return Err(Error::QueueTooSmall);
         }
         let layout = Layout::alloc(size).ok_or(Error::OutOfMemory)?;
-        let msix_entry = if vector.is_some() { index } else { virtio::NO_VECTOR };
+        let msix_entry = if vector.is_some() {
+            index
+        } else {
+            virtio::NO_VECTOR
+        };
         let doorbell = transport.activate_queue(index, &layout, msix_entry)?;
         let mut queue = Queue::new(index, &layout, doorbell, opts.event_idx);
         if opts.completion == Completion::Poll {
             queue.disable_interrupts();
         }
         // SAFETY: all-zero bytes are valid for both types.
-        let mem = unsafe { dma::alloc_array::<SlotMem>(slot_count as usize) }.ok_or(Error::OutOfMemory)?;
+        let mem = unsafe { dma::alloc_array::<SlotMem>(slot_count as usize) }
+            .ok_or(Error::OutOfMemory)?;
         // SAFETY: as above.
-        let slots = unsafe { dma::alloc_array::<SlotState>(slot_count as usize) }.ok_or(Error::OutOfMemory)?;
+        let slots = unsafe { dma::alloc_array::<SlotState>(slot_count as usize) }
+            .ok_or(Error::OutOfMemory)?;
         // SAFETY: zero is a valid u16.
-        let free = unsafe { dma::alloc_array::<u16>(slot_count as usize) }.ok_or(Error::OutOfMemory)?;
-        let mut ring = Ring { queue, free, free_count: slot_count as usize };
+        let free =
+            unsafe { dma::alloc_array::<u16>(slot_count as usize) }.ok_or(Error::OutOfMemory)?;
+        let ring = Ring {
+            queue,
+            free,
+            free_count: slot_count as usize,
+        };
         for (i, f) in ring.free[..slot_count as usize].iter_mut().enumerate() {
             *f = (slot_count as usize - 1 - i) as u16;
         }
@@ -195,8 +217,14 @@ impl BlkQueue {
 
     /// Builds and offers one request; visible to the device after `publish`.
     pub fn submit(&self, req: &Request) -> Result<u16, SubmitError> {
-        let segments = if matches!(req.kind, T_IN | T_OUT | T_GET_ID) { segments_needed(req.len, self.size_max) } else { 0 };
-        if segments > MAX_SEGMENTS || (self.descs_per_slot != 0 && 2 + segments as u16 > self.descs_per_slot) {
+        let segments = if matches!(req.kind, T_IN | T_OUT | T_GET_ID) {
+            segments_needed(req.len, self.size_max)
+        } else {
+            0
+        };
+        if segments > MAX_SEGMENTS
+            || (self.descs_per_slot != 0 && 2 + segments as u16 > self.descs_per_slot)
+        {
             return Err(SubmitError::TooLarge);
         }
         let mut ring = self.ring.lock();
@@ -205,25 +233,45 @@ impl BlkQueue {
         }
         ring.free_count -= 1;
         let slot = ring.free[ring.free_count];
-        self.slots[slot as usize].state.store(SLOT_IN_FLIGHT, Ordering::Relaxed);
+        self.slots[slot as usize]
+            .state
+            .store(SLOT_IN_FLIGHT, Ordering::Relaxed);
         // SAFETY: the slot is ours until it is returned to the free list.
         let mem = unsafe { &mut *(self.mem.as_ptr().add(slot as usize) as *mut SlotMem) };
         mem.header_type = req.kind;
         mem.header_reserved = 0;
-        mem.header_sector = if matches!(req.kind, T_IN | T_OUT) { req.sector } else { 0 };
+        mem.header_sector = if matches!(req.kind, T_IN | T_OUT) {
+            req.sector
+        } else {
+            0
+        };
         mem.status = S_PENDING;
         let mut chain = [Desc::default(); 2 + MAX_SEGMENTS];
         let mut n = 0;
-        chain[n] = Desc { addr: dma::phys(mem) , len: 16, flags: 0, next: 0 };
+        chain[n] = Desc {
+            addr: dma::phys(mem),
+            len: 16,
+            flags: 0,
+            next: 0,
+        };
         n += 1;
         match req.kind {
             T_IN | T_OUT | T_GET_ID => {
                 let write = if req.kind == T_OUT { 0 } else { DESC_F_WRITE };
-                let piece = if self.size_max == 0 { req.len } else { self.size_max };
+                let piece = if self.size_max == 0 {
+                    req.len
+                } else {
+                    self.size_max
+                };
                 let mut done = 0u32;
                 while done < req.len {
                     let len = piece.min(req.len - done);
-                    chain[n] = Desc { addr: req.buf + done as u64, len, flags: write, next: 0 };
+                    chain[n] = Desc {
+                        addr: req.buf + done as u64,
+                        len,
+                        flags: write,
+                        next: 0,
+                    };
                     n += 1;
                     done += len;
                 }
@@ -232,34 +280,49 @@ impl BlkQueue {
                 mem.range_sector = req.sector;
                 mem.range_sectors = req.len / SECTOR as u32;
                 mem.range_flags = 0;
-                chain[n] = Desc { addr: dma::phys(&mem.range_sector), len: 16, flags: 0, next: 0 };
+                chain[n] = Desc {
+                    addr: dma::phys(&mem.range_sector),
+                    len: 16,
+                    flags: 0,
+                    next: 0,
+                };
                 n += 1;
             }
             _ => {}
         }
-        chain[n] = Desc { addr: dma::phys(&mem.status), len: 1, flags: DESC_F_WRITE, next: 0 };
+        chain[n] = Desc {
+            addr: dma::phys(&mem.status),
+            len: 1,
+            flags: DESC_F_WRITE,
+            next: 0,
+        };
         n += 1;
+        // Link the chain; `next` is table-relative for indirect tables.
+        let first = if self.descs_per_slot == 0 {
+            0
+        } else {
+            slot * self.descs_per_slot
+        };
+        for (i, d) in chain[..n - 1].iter_mut().enumerate() {
+            d.flags |= DESC_F_NEXT;
+            d.next = first + i as u16 + 1;
+        }
         let head = if self.descs_per_slot == 0 {
-            for i in 0..n {
-                let mut d = chain[i];
-                if i + 1 < n {
-                    d.flags |= DESC_F_NEXT;
-                    d.next = i as u16 + 1;
-                }
-                mem.table[i] = d;
-            }
+            mem.table[..n].copy_from_slice(&chain[..n]);
             let head = slot;
-            ring.queue.set_desc(head, Desc { addr: dma::phys(&mem.table[0]), len: 16 * n as u32, flags: DESC_F_INDIRECT, next: 0 });
+            ring.queue.set_desc(
+                head,
+                Desc {
+                    addr: dma::phys(&mem.table[0]),
+                    len: 16 * n as u32,
+                    flags: DESC_F_INDIRECT,
+                    next: 0,
+                },
+            );
             head
         } else {
-            let first = slot * self.descs_per_slot;
-            for i in 0..n {
-                let mut d = chain[i];
-                if i + 1 < n {
-                    d.flags |= DESC_F_NEXT;
-                    d.next = first + i as u16 + 1;
-                }
-                ring.queue.set_desc(first + i as u16, d);
+            for (i, d) in chain[..n].iter().enumerate() {
+                ring.queue.set_desc(first + i as u16, *d);
             }
             first
         };
@@ -292,7 +355,11 @@ impl BlkQueue {
         let mut ring = self.ring.lock();
         let mut count = 0;
         while let Some((id, _len)) = ring.queue.pop_used() {
-            let slot = if self.descs_per_slot == 0 { id as u16 } else { (id / self.descs_per_slot as u32) as u16 };
+            let slot = if self.descs_per_slot == 0 {
+                id as u16
+            } else {
+                (id / self.descs_per_slot as u32) as u16
+            };
             if slot >= self.slot_count {
                 continue;
             }
@@ -317,7 +384,9 @@ impl BlkQueue {
 
     fn release(&self, slot: u16) {
         let mut ring = self.ring.lock();
-        self.slots[slot as usize].state.store(SLOT_FREE, Ordering::Relaxed);
+        self.slots[slot as usize]
+            .state
+            .store(SLOT_FREE, Ordering::Relaxed);
         let free = ring.free_count;
         ring.free[free] = slot;
         ring.free_count = free + 1;
@@ -420,7 +489,9 @@ pub struct Disk {
 
 impl Disk {
     pub fn queue(&self, i: usize) -> &BlkQueue {
-        self.queues[i % self.queue_count].as_ref().expect("queue_count queues exist")
+        self.queues[i % self.queue_count]
+            .as_ref()
+            .expect("queue_count queues exist")
     }
 
     pub fn has(&self, feature: u64) -> bool {
@@ -432,12 +503,17 @@ impl Disk {
     }
 
     pub fn interrupts_waited(&self) -> u64 {
-        self.queues.iter().flatten().map(|q| q.interrupts_waited.load(Ordering::Relaxed) as u64).sum()
+        self.queues
+            .iter()
+            .flatten()
+            .map(|q| q.interrupts_waited.load(Ordering::Relaxed) as u64)
+            .sum()
     }
 }
 
 pub fn is_blk(f: &Function) -> bool {
-    f.vendor == virtio::VENDOR_ID && (f.device == DEVICE_ID_TRANSITIONAL || f.device == DEVICE_ID_MODERN)
+    f.vendor == virtio::VENDOR_ID
+        && (f.device == DEVICE_ID_TRANSITIONAL || f.device == DEVICE_ID_MODERN)
 }
 
 // Device configuration offsets.
@@ -466,7 +542,8 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
     transport.add_status(virtio::STATUS_ACKNOWLEDGE);
     transport.add_status(virtio::STATUS_DRIVER);
     let offered = transport.device_features();
-    let mut wanted = F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES;
+    let mut wanted =
+        F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES;
     if opts.event_idx {
         wanted |= virtio::F_EVENT_IDX;
     }
@@ -487,10 +564,25 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
     queue_opts.event_idx = features & virtio::F_EVENT_IDX != 0;
     queue_opts.indirect = features & virtio::F_INDIRECT_DESC != 0;
 
-    let size_max = if features & F_SIZE_MAX != 0 { transport.read_config(CFG_SIZE_MAX, 4) } else { 0 };
-    let seg_max = if features & F_SEG_MAX != 0 { transport.read_config(CFG_SEG_MAX, 4) } else { 0 };
-    let device_queues = if features & F_MQ != 0 { transport.read_config(CFG_NUM_QUEUES, 2).max(1) as usize } else { 1 };
-    let queue_count = device_queues.min(opts.queues.max(1)).min(MAX_QUEUES).min(transport.num_queues().max(1) as usize);
+    let size_max = if features & F_SIZE_MAX != 0 {
+        transport.read_config(CFG_SIZE_MAX, 4)
+    } else {
+        0
+    };
+    let seg_max = if features & F_SEG_MAX != 0 {
+        transport.read_config(CFG_SEG_MAX, 4)
+    } else {
+        0
+    };
+    let device_queues = if features & F_MQ != 0 {
+        transport.read_config(CFG_NUM_QUEUES, 2).max(1) as usize
+    } else {
+        1
+    };
+    let queue_count = device_queues
+        .min(opts.queues.max(1))
+        .min(MAX_QUEUES)
+        .min(transport.num_queues().max(1) as usize);
 
     let msix = if opts.completion == Completion::Irq {
         let m = Msix::find(&transport.function).ok_or(Error::MsixMissing)?;
@@ -528,11 +620,27 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
     let cfg32 = |off: u16| transport.read_config(off, 4);
     let disk = Disk {
         capacity: transport.read_config64(CFG_CAPACITY),
-        blk_size: if features & F_BLK_SIZE != 0 { cfg32(CFG_BLK_SIZE) } else { 512 },
+        blk_size: if features & F_BLK_SIZE != 0 {
+            cfg32(CFG_BLK_SIZE)
+        } else {
+            512
+        },
         read_only: features & F_RO != 0,
-        max_discard_sectors: if features & F_DISCARD != 0 { cfg32(CFG_MAX_DISCARD_SECTORS) } else { 0 },
-        discard_alignment: if features & F_DISCARD != 0 { cfg32(CFG_DISCARD_ALIGNMENT) } else { 0 },
-        max_write_zeroes_sectors: if features & F_WRITE_ZEROES != 0 { cfg32(CFG_MAX_WRITE_ZEROES_SECTORS) } else { 0 },
+        max_discard_sectors: if features & F_DISCARD != 0 {
+            cfg32(CFG_MAX_DISCARD_SECTORS)
+        } else {
+            0
+        },
+        discard_alignment: if features & F_DISCARD != 0 {
+            cfg32(CFG_DISCARD_ALIGNMENT)
+        } else {
+            0
+        },
+        max_write_zeroes_sectors: if features & F_WRITE_ZEROES != 0 {
+            cfg32(CFG_MAX_WRITE_ZEROES_SECTORS)
+        } else {
+            0
+        },
         features,
         queues,
         queue_count,

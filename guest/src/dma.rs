@@ -31,11 +31,6 @@ pub fn init(memmap: &[MemmapEntry]) {
     }
 }
 
-/// Bytes still available.
-pub fn remaining() -> u64 {
-    END.load(Ordering::Relaxed).saturating_sub(NEXT.load(Ordering::Relaxed))
-}
-
 /// A zeroed, `align`-aligned block of `size` bytes, or `None` when RAM runs out.
 pub fn alloc(size: usize, align: usize) -> Option<&'static mut [u8]> {
     let align = align.max(16) as u64;
@@ -47,7 +42,10 @@ pub fn alloc(size: usize, align: usize) -> Option<&'static mut [u8]> {
         if next == 0 || end > END.load(Ordering::Relaxed) {
             return None;
         }
-        if NEXT.compare_exchange(next, end, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if NEXT
+            .compare_exchange(next, end, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             break;
         }
     }
@@ -63,7 +61,10 @@ pub fn alloc(size: usize, align: usize) -> Option<&'static mut [u8]> {
 /// # Safety
 /// All-zero bytes must be a valid `T`.
 pub unsafe fn alloc_array<T>(count: usize) -> Option<&'static mut [T]> {
-    let bytes = alloc(count * core::mem::size_of::<T>(), core::mem::align_of::<T>())?;
+    let bytes = alloc(
+        count * core::mem::size_of::<T>(),
+        core::mem::align_of::<T>(),
+    )?;
     // SAFETY: the block is sized and aligned for `count` `T`s and zeroed,
     // which the caller vouches is a valid `T`.
     Some(unsafe { core::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, count) })

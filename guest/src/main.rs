@@ -12,7 +12,6 @@ mod boot;
 mod dma;
 mod lapic;
 mod mem;
-mod net;
 mod paging;
 mod pci;
 mod serial;
@@ -42,8 +41,12 @@ pub struct Boot {
 const CMDLINE_COPY_BYTES: usize = 4096;
 const MEMMAP_COPY_ENTRIES: usize = 128;
 static mut CMDLINE_COPY: [u8; CMDLINE_COPY_BYTES] = [0; CMDLINE_COPY_BYTES];
-static mut MEMMAP_COPY: [MemmapEntry; MEMMAP_COPY_ENTRIES] =
-    [MemmapEntry { addr: 0, size: 0, kind: 0, reserved: 0 }; MEMMAP_COPY_ENTRIES];
+static mut MEMMAP_COPY: [MemmapEntry; MEMMAP_COPY_ENTRIES] = [MemmapEntry {
+    addr: 0,
+    size: 0,
+    kind: 0,
+    reserved: 0,
+}; MEMMAP_COPY_ENTRIES];
 const AP_START_TIMEOUT_MS: u64 = 5000;
 
 /// Copies what the loader passed into the image, so low memory (the AP

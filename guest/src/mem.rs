@@ -7,7 +7,7 @@ use core::ptr::{read_volatile, write_volatile};
 const WORD: usize = core::mem::size_of::<u64>();
 
 fn both_aligned(a: usize, b: usize) -> bool {
-    (a | b) % WORD == 0
+    (a | b).is_multiple_of(WORD)
 }
 
 /// # Safety
@@ -18,7 +18,12 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
     if both_aligned(dest as usize, src as usize) {
         while i + WORD <= n {
             // SAFETY: in bounds per the memcpy contract, and 8-byte aligned.
-            unsafe { write_volatile(dest.add(i) as *mut u64, read_volatile(src.add(i) as *const u64)) };
+            unsafe {
+                write_volatile(
+                    dest.add(i) as *mut u64,
+                    read_volatile(src.add(i) as *const u64),
+                )
+            };
             i += WORD;
         }
     }
@@ -53,7 +58,7 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 {
     let byte = value as u8;
     let mut i = 0;
-    if (dest as usize) % WORD == 0 {
+    if (dest as usize).is_multiple_of(WORD) {
         let word = u64::from_ne_bytes([byte; WORD]);
         while i + WORD <= n {
             // SAFETY: in bounds per the memset contract, and 8-byte aligned.

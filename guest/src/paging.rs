@@ -55,11 +55,18 @@ pub fn map_device(addr: u64, len: u64) -> bool {
         let l3 = (page >> 30) & 511;
         let l2 = (page >> 21) & 511;
         // SAFETY: indexes are < 512 within 4 KiB tables.
-        let Some(pdpt) = next_level(unsafe { pml4.add(l4 as usize) }, &mut spare) else { return false };
+        let Some(pdpt) = next_level(unsafe { pml4.add(l4 as usize) }, &mut spare) else {
+            return false;
+        };
         // SAFETY: as above.
-        let Some(pd) = next_level(unsafe { pdpt.add(l3 as usize) }, &mut spare) else { return false };
+        let Some(pd) = next_level(unsafe { pdpt.add(l3 as usize) }, &mut spare) else {
+            return false;
+        };
         // SAFETY: as above; the entry was not present or already maps this page.
-        unsafe { pd.add(l2 as usize).write_volatile(page | PRESENT_WRITE_USER | LARGE_UNCACHED) };
+        unsafe {
+            pd.add(l2 as usize)
+                .write_volatile(page | PRESENT_WRITE_USER | LARGE_UNCACHED)
+        };
         page += PAGE_2M;
     }
     true

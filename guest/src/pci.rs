@@ -2,7 +2,7 @@
 //! and assignment, capabilities and MSI-X.
 
 use crate::sync::SpinLock;
-use crate::x86::{inb, inl, inw, outb, outl, outw};
+use crate::x86::{inb, inl, inw, outl, outw};
 use crate::{paging, x86};
 
 const CONFIG_ADDRESS: u16 = 0xCF8;
@@ -74,12 +74,6 @@ impl Address {
         outl(CONFIG_ADDRESS, self.config_address(offset));
         outw(CONFIG_DATA + (offset as u16 & 2), value);
     }
-
-    pub fn write8(self, offset: u8, value: u8) {
-        let _guard = CONFIG_LOCK.lock();
-        outl(CONFIG_ADDRESS, self.config_address(offset));
-        outb(CONFIG_DATA + (offset as u16 & 3), value);
-    }
 }
 
 impl core::fmt::Display for Address {
@@ -107,7 +101,11 @@ impl Function {
     /// Offsets of the capabilities with this id, in list order.
     pub fn capabilities(&self, id: u8) -> impl Iterator<Item = u8> + '_ {
         let has_list = self.addr.read16(STATUS) & STATUS_CAPABILITIES != 0;
-        let mut next = if has_list { self.addr.read8(CAPABILITIES_POINTER) & 0xFC } else { 0 };
+        let mut next = if has_list {
+            self.addr.read8(CAPABILITIES_POINTER) & 0xFC
+        } else {
+            0
+        };
         let mut budget = 48; // a looping list must not hang the guest
         core::iter::from_fn(move || {
             while next >= 0x40 && budget > 0 {
@@ -158,15 +156,34 @@ fn size_bar(addr: Address, index: usize) -> (Bar, bool) {
         addr.write32(offset + 4, high_original);
     }
     let (base, mask) = if io {
-        ((original & !3) as u64, (low_mask & !3) as u64 | 0xFFFF_FFFF_0000_0000)
+        (
+            (original & !3) as u64,
+            (low_mask & !3) as u64 | 0xFFFF_FFFF_0000_0000,
+        )
     } else {
         let base = (original & !0xF) as u64 | (high_original as u64) << 32;
-        let mask = (low_mask & !0xF) as u64 | if is64 { (high_mask as u64) << 32 } else { 0xFFFF_FFFF_0000_0000 };
+        let mask = (low_mask & !0xF) as u64
+            | if is64 {
+                (high_mask as u64) << 32
+            } else {
+                0xFFFF_FFFF_0000_0000
+            };
         (base, mask)
     };
-    let size = if mask & 0xFFFF_FFFF == 0 && !is64 { 0 } else { (!mask).wrapping_add(1) };
+    let size = if mask & 0xFFFF_FFFF == 0 && !is64 {
+        0
+    } else {
+        (!mask).wrapping_add(1)
+    };
     let size = if io { size & 0xFFFF } else { size };
-    (Bar { addr: base, size, io }, is64)
+    (
+        Bar {
+            addr: base,
+            size,
+            io,
+        },
+        is64,
+    )
 }
 
 fn assign_bar(addr: Address, index: usize, bar: &mut Bar, is64: bool, windows: &mut Windows) {
@@ -191,10 +208,17 @@ fn assign_bar(addr: Address, index: usize, bar: &mut Bar, is64: bool, windows: &
 
 /// Enumerates bus 0, sizes every BAR and assigns any the firmware left at 0.
 pub fn enumerate() -> Bus {
-    let mut bus = Bus { functions: [None; MAX_FUNCTIONS], count: 0 };
+    let mut bus = Bus {
+        functions: [None; MAX_FUNCTIONS],
+        count: 0,
+    };
     for device in 0..32u8 {
         for function in 0..8u8 {
-            let addr = Address { bus: 0, device, function };
+            let addr = Address {
+                bus: 0,
+                device,
+                function,
+            };
             let id = addr.read32(0);
             if id & 0xFFFF == 0xFFFF {
                 if function == 0 {
@@ -216,7 +240,10 @@ pub fn enumerate() -> Bus {
             }
         }
     }
-    let mut windows = Windows { mmio_next: MMIO_WINDOW.0, io_next: IO_WINDOW.0 };
+    let mut windows = Windows {
+        mmio_next: MMIO_WINDOW.0,
+        io_next: IO_WINDOW.0,
+    };
     let mut unassigned = [[false; 6]; MAX_FUNCTIONS];
     let mut wide = [[false; 6]; MAX_FUNCTIONS];
     for (slot, f) in bus.functions.iter_mut().enumerate() {
@@ -226,7 +253,8 @@ pub fn enumerate() -> Bus {
             continue;
         }
         let command = f.addr.read16(COMMAND);
-        f.addr.write16(COMMAND, command & !(COMMAND_IO | COMMAND_MEMORY));
+        f.addr
+            .write16(COMMAND, command & !(COMMAND_IO | COMMAND_MEMORY));
         let mut index = 0;
         while index < 6 {
             let (bar, is64) = size_bar(f.addr, index);
@@ -288,7 +316,11 @@ impl Msix {
         if !paging::map_device(table_addr, size as u64 * 16) {
             return None;
         }
-        Some(Msix { cap, table: table_addr, size })
+        Some(Msix {
+            cap,
+            table: table_addr,
+            size,
+        })
     }
 
     /// Points entry `index` at `vector` on the CPU with `apic_id`, unmasked.
@@ -303,11 +335,7 @@ impl Msix {
 
     pub fn enable(&self, f: &Function) {
         let control = f.addr.read16(self.cap + 2);
-        f.addr.write16(self.cap + 2, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
-    }
-
-    pub fn disable(&self, f: &Function) {
-        let control = f.addr.read16(self.cap + 2);
-        f.addr.write16(self.cap + 2, control & !MSIX_ENABLE);
+        f.addr
+            .write16(self.cap + 2, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
     }
 }

@@ -52,7 +52,10 @@ pub struct Line {
 
 impl Line {
     pub const fn new() -> Self {
-        Self { buf: [0; LINE_CAPACITY], len: 0 }
+        Self {
+            buf: [0; LINE_CAPACITY],
+            len: 0,
+        }
     }
 }
 
@@ -74,7 +77,10 @@ impl Drop for Line {
         // fault report forever: give up waiting after a while.
         let mut locked = false;
         for _ in 0..50_000_000u64 {
-            if LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            if LOCK
+                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
                 locked = true;
                 break;
             }

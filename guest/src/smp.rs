@@ -5,8 +5,8 @@
 //! An AP that reached Rust reports in, then waits on its work slot.
 
 use crate::boot::{
-    ap_trampoline_end, ap_trampoline_start, ApBootSlot, AP_BOOT_SLOTS, AP_TRAMPOLINE_ADDR,
-    APIC_ID_TO_CPU, FIRST_TSS_SELECTOR, GDT, KERNEL_STACK_BYTES, MAX_CPUS, TSS_BYTES,
+    ap_trampoline_end, ap_trampoline_start, ApBootSlot, APIC_ID_TO_CPU, AP_BOOT_SLOTS,
+    AP_TRAMPOLINE_ADDR, FIRST_TSS_SELECTOR, GDT, KERNEL_STACK_BYTES, MAX_CPUS, TSS_BYTES,
 };
 use crate::topology::Cpus;
 use crate::{lapic, tsc, x86::pause};
@@ -29,8 +29,10 @@ struct UserStack([u8; AP_USER_STACK_BYTES]);
 
 // Index 0 (the BSP) uses the TSS and stacks in boot.rs.
 static mut AP_TSS: [Tss; MAX_CPUS] = [const { Tss([0; TSS_BYTES]) }; MAX_CPUS];
-static mut AP_KERNEL_STACKS: [KernelStack; MAX_CPUS] = [const { KernelStack([0; KERNEL_STACK_BYTES]) }; MAX_CPUS];
-static mut AP_USER_STACKS: [UserStack; MAX_CPUS] = [const { UserStack([0; AP_USER_STACK_BYTES]) }; MAX_CPUS];
+static mut AP_KERNEL_STACKS: [KernelStack; MAX_CPUS] =
+    [const { KernelStack([0; KERNEL_STACK_BYTES]) }; MAX_CPUS];
+static mut AP_USER_STACKS: [UserStack; MAX_CPUS] =
+    [const { UserStack([0; AP_USER_STACK_BYTES]) }; MAX_CPUS];
 
 static CPUS_STARTED: AtomicUsize = AtomicUsize::new(1);
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
@@ -63,10 +65,14 @@ fn prepare_cpu(index: usize) {
     // AP reads them only after.
     unsafe {
         let tss = &mut (*addr_of_mut!(AP_TSS))[index].0;
-        let kernel_top = (*addr_of_mut!(AP_KERNEL_STACKS))[index].0.as_ptr_range().end as u64;
+        let kernel_top = (*addr_of_mut!(AP_KERNEL_STACKS))[index]
+            .0
+            .as_ptr_range()
+            .end as u64;
         let user_top = (*addr_of_mut!(AP_USER_STACKS))[index].0.as_ptr_range().end as u64;
         tss[TSS_RSP0_OFFSET..TSS_RSP0_OFFSET + 8].copy_from_slice(&kernel_top.to_le_bytes());
-        tss[TSS_IOMAP_BASE_OFFSET..TSS_IOMAP_BASE_OFFSET + 2].copy_from_slice(&TSS_HEADER_BYTES.to_le_bytes());
+        tss[TSS_IOMAP_BASE_OFFSET..TSS_IOMAP_BASE_OFFSET + 2]
+            .copy_from_slice(&TSS_HEADER_BYTES.to_le_bytes());
         tss[TSS_BYTES - 1] = 0xff;
 
         let base = tss.as_ptr() as u64;
@@ -81,7 +87,10 @@ fn prepare_cpu(index: usize) {
         gdt.add(slot).write_volatile(low);
         gdt.add(slot + 1).write_volatile(base >> 32);
 
-        (*addr_of_mut!(AP_BOOT_SLOTS))[index] = ApBootSlot { kernel_stack_top: kernel_top, user_stack_top: user_top };
+        (*addr_of_mut!(AP_BOOT_SLOTS))[index] = ApBootSlot {
+            kernel_stack_top: kernel_top,
+            user_stack_top: user_top,
+        };
     }
 }
 
@@ -143,7 +152,9 @@ pub fn start_aps(cpus: &Cpus, timeout_ms: u64) -> usize {
         pause();
     }
     // Only a contiguous prefix of indexes gets work.
-    let online = (1..n).find(|&i| !STARTED[i].load(Ordering::Acquire)).unwrap_or(n);
+    let online = (1..n)
+        .find(|&i| !STARTED[i].load(Ordering::Acquire))
+        .unwrap_or(n);
     CPU_COUNT.store(online, Ordering::Release);
     started()
 }
@@ -162,7 +173,11 @@ struct WorkSlot {
 }
 
 static WORK: [WorkSlot; MAX_CPUS] = [const {
-    WorkSlot { state: AtomicU32::new(SLOT_IDLE), func: AtomicUsize::new(0), arg: AtomicUsize::new(0) }
+    WorkSlot {
+        state: AtomicU32::new(SLOT_IDLE),
+        func: AtomicUsize::new(0),
+        arg: AtomicUsize::new(0),
+    }
 }; MAX_CPUS];
 
 /// Runs `job(cpu, arg)` on every online CPU (the caller runs index 0) and

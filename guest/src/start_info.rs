@@ -48,7 +48,11 @@ impl StartInfo {
         if raw.magic != MAGIC {
             return None;
         }
-        let cmdline = if raw.cmdline_paddr == 0 { "" } else { c_string(raw.cmdline_paddr) };
+        let cmdline = if raw.cmdline_paddr == 0 {
+            ""
+        } else {
+            c_string(raw.cmdline_paddr)
+        };
         let memmap = if raw.version >= 1 && raw.memmap_paddr != 0 {
             // SAFETY: version >= 1 blocks carry `memmap_entries` entries at
             // `memmap_paddr`, in RAM the loader reserved for them.
@@ -61,12 +65,11 @@ impl StartInfo {
         } else {
             &[]
         };
-        Some(StartInfo { cmdline, rsdp_paddr: raw.rsdp_paddr, memmap })
-    }
-
-    /// Bytes of usable RAM in the memory map.
-    pub fn ram_bytes(&self) -> u64 {
-        self.memmap.iter().filter(|e| e.kind == MEMMAP_TYPE_RAM).map(|e| e.size).sum()
+        Some(StartInfo {
+            cmdline,
+            rsdp_paddr: raw.rsdp_paddr,
+            memmap,
+        })
     }
 }
 
@@ -93,7 +96,7 @@ impl Cmdline {
             .filter_map(|word| word.split_once('='))
             .filter(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
+            .next_back()
     }
 
     pub fn get_or(&self, key: &str, default: &'static str) -> &'static str {

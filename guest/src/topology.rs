@@ -14,7 +14,12 @@ pub struct Cpus {
 
 impl Cpus {
     fn empty(source: &'static str) -> Self {
-        Self { apic_ids: [0; MAX_CPUS], count: 0, dropped: 0, source }
+        Self {
+            apic_ids: [0; MAX_CPUS],
+            count: 0,
+            dropped: 0,
+            source,
+        }
     }
 
     fn push(&mut self, apic_id: u32) {
@@ -35,7 +40,9 @@ impl Cpus {
 }
 
 pub fn discover(rsdp_hint: u64) -> Option<Cpus> {
-    find_rsdp(rsdp_hint).and_then(madt_cpus).or_else(mp_table_cpus)
+    find_rsdp(rsdp_hint)
+        .and_then(madt_cpus)
+        .or_else(mp_table_cpus)
 }
 
 fn bytes(addr: u64, len: usize) -> &'static [u8] {
@@ -62,14 +69,16 @@ fn u64_at(d: &[u8], off: usize) -> u64 {
 
 /// Tables must lie in the identity map and be of a sane size.
 fn plausible(addr: u64, len: u64) -> bool {
-    addr != 0 && len >= 8 && len < (1 << 20) && addr + len < (1 << 32)
+    addr != 0 && (8..(1 << 20)).contains(&len) && addr + len < (1 << 32)
 }
 
 fn find_rsdp(hint: u64) -> Option<u64> {
-    if hint != 0 && plausible(hint, 20) && &bytes(hint, 8)[..] == b"RSD PTR " {
+    if hint != 0 && plausible(hint, 20) && bytes(hint, 8) == b"RSD PTR " {
         return Some(hint);
     }
-    (0xE0000..0x100000u64).step_by(16).find(|&a| &bytes(a, 8)[..] == b"RSD PTR " && checksum_ok(bytes(a, 20)))
+    (0xE0000..0x100000u64)
+        .step_by(16)
+        .find(|&a| bytes(a, 8) == b"RSD PTR " && checksum_ok(bytes(a, 20)))
 }
 
 fn madt_cpus(rsdp: u64) -> Option<Cpus> {
@@ -91,8 +100,14 @@ fn madt_cpus(rsdp: u64) -> Option<Cpus> {
     let madt = (36..root_table.len())
         .step_by(entry_size)
         .filter(|off| off + entry_size <= root_table.len())
-        .map(|off| if entry_size == 8 { u64_at(root_table, off) } else { u32_at(root_table, off) as u64 })
-        .find(|&t| plausible(t, 36) && &bytes(t, 4)[..] == b"APIC")?;
+        .map(|off| {
+            if entry_size == 8 {
+                u64_at(root_table, off)
+            } else {
+                u32_at(root_table, off) as u64
+            }
+        })
+        .find(|&t| plausible(t, 36) && bytes(t, 4) == b"APIC")?;
     let madt_len = u32_at(bytes(madt, 8), 4) as u64;
     if !plausible(madt, madt_len) {
         return None;
@@ -124,17 +139,20 @@ fn find_mp_floating_pointer() -> Option<u64> {
     }
     areas[1] = (0x9FC00, 0xA0000);
     areas[2] = (0xF0000, 0x100000);
-    areas.iter().filter(|(s, e)| e > s).find_map(|&(start, end)| {
-        (start..end - 16)
-            .step_by(16)
-            .find(|&a| &bytes(a, 4)[..] == b"_MP_" && checksum_ok(bytes(a, 16)))
-    })
+    areas
+        .iter()
+        .filter(|(s, e)| e > s)
+        .find_map(|&(start, end)| {
+            (start..end - 16)
+                .step_by(16)
+                .find(|&a| bytes(a, 4) == b"_MP_" && checksum_ok(bytes(a, 16)))
+        })
 }
 
 fn mp_table_cpus() -> Option<Cpus> {
     let pointer = find_mp_floating_pointer()?;
     let config = u32_at(bytes(pointer, 16), 4) as u64;
-    if !plausible(config, 44) || &bytes(config, 4)[..] != b"PCMP" {
+    if !plausible(config, 44) || bytes(config, 4) != b"PCMP" {
         return None;
     }
     let header = bytes(config, 44);

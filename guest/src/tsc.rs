@@ -124,10 +124,3 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
 pub fn ns_to_ticks(ns: u64) -> u64 {
     (ns as u128 * khz() as u128 / 1_000_000) as u64
 }
-
-pub fn delay_us(us: u64) {
-    let end = rdtsc() + ns_to_ticks(us * 1000);
-    while rdtsc() < end {
-        core::hint::spin_loop();
-    }
-}

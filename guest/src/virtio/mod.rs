@@ -3,9 +3,12 @@
 
 pub mod queue;
 
-use crate::pci::{Function, Msix, CAP_VENDOR};
-use crate::x86::{inb, inl, inw, mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8, outb, outl, outw};
 use crate::paging;
+use crate::pci::{Function, Msix, CAP_VENDOR};
+use crate::x86::{
+    inb, inl, inw, mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8,
+    outb, outl, outw,
+};
 
 pub const VENDOR_ID: u16 = 0x1AF4;
 
@@ -40,8 +43,15 @@ impl Kind {
 
 #[derive(Clone, Copy)]
 enum Regs {
-    Modern { common: u64, notify: u64, notify_multiplier: u32, device: u64 },
-    Legacy { io: u16 },
+    Modern {
+        common: u64,
+        notify: u64,
+        notify_multiplier: u32,
+        device: u64,
+    },
+    Legacy {
+        io: u16,
+    },
 }
 
 // Modern common configuration offsets.
@@ -154,19 +164,26 @@ impl Transport {
                     let length = a.read32(cap + 12);
                     // The first capability of each type is the preferred one.
                     match cfg_type {
-                        CAP_COMMON if common.is_none() => common = bar_address(&function, bar, offset, length),
+                        CAP_COMMON if common.is_none() => {
+                            common = bar_address(&function, bar, offset, length)
+                        }
                         CAP_NOTIFY if notify.is_none() => {
                             notify = bar_address(&function, bar, offset, length);
                             multiplier = a.read32(cap + 16);
                         }
-                        CAP_DEVICE if device.is_none() => device = bar_address(&function, bar, offset, length),
+                        CAP_DEVICE if device.is_none() => {
+                            device = bar_address(&function, bar, offset, length)
+                        }
                         _ => {}
                     }
                 }
                 match (common, notify, device) {
-                    (Some(common), Some(notify), Some(device)) => {
-                        Regs::Modern { common, notify, notify_multiplier: multiplier, device }
-                    }
+                    (Some(common), Some(notify), Some(device)) => Regs::Modern {
+                        common,
+                        notify,
+                        notify_multiplier: multiplier,
+                        device,
+                    },
                     _ => return Err(Error::NoModernTransport),
                 }
             }
@@ -175,10 +192,17 @@ impl Transport {
                 if !bar.io || bar.addr == 0 {
                     return Err(Error::NoLegacyTransport);
                 }
-                Regs::Legacy { io: bar.addr as u16 }
+                Regs::Legacy {
+                    io: bar.addr as u16,
+                }
             }
         };
-        Ok(Transport { kind, regs, function, msix_enabled: false })
+        Ok(Transport {
+            kind,
+            regs,
+            function,
+            msix_enabled: false,
+        })
     }
 
     pub fn status(&self) -> u8 {
@@ -287,9 +311,19 @@ impl Transport {
 
     /// Programs queue `index` (size, ring addresses, MSI-X vector), enables
     /// it and returns its doorbell.
-    pub fn activate_queue(&self, index: u16, q: &queue::Layout, msix_entry: u16) -> Result<Doorbell, Error> {
+    pub fn activate_queue(
+        &self,
+        index: u16,
+        q: &queue::Layout,
+        msix_entry: u16,
+    ) -> Result<Doorbell, Error> {
         match self.regs {
-            Regs::Modern { common, notify, notify_multiplier, .. } => {
+            Regs::Modern {
+                common,
+                notify,
+                notify_multiplier,
+                ..
+            } => {
                 mmio_write16(common + QUEUE_SELECT, index);
                 mmio_write16(common + QUEUE_SIZE, q.size);
                 let write64 = |off: u64, v: u64| {
@@ -307,7 +341,9 @@ impl Transport {
                 }
                 let notify_off = mmio_read16(common + QUEUE_NOTIFY_OFF);
                 mmio_write16(common + QUEUE_ENABLE, 1);
-                Ok(Doorbell::Mmio(notify + notify_off as u64 * notify_multiplier as u64))
+                Ok(Doorbell::Mmio(
+                    notify + notify_off as u64 * notify_multiplier as u64,
+                ))
             }
             Regs::Legacy { io } => {
                 outw(io + L_QUEUE_SELECT, index);
@@ -341,7 +377,11 @@ impl Transport {
                 }
             }
             Regs::Legacy { io } => {
-                let base = if self.msix_enabled { L_CONFIG_MSIX } else { L_CONFIG };
+                let base = if self.msix_enabled {
+                    L_CONFIG_MSIX
+                } else {
+                    L_CONFIG
+                };
                 let port = io + base + offset;
                 match width {
                     1 => inb(port) as u32,

@@ -40,7 +40,12 @@ impl Layout {
         let total = used_off + ((6 + 8 * n + LEGACY_ALIGN - 1) & !(LEGACY_ALIGN - 1));
         let block = dma::alloc(total as usize, LEGACY_ALIGN as usize)?;
         let base = dma::phys(&block[0]);
-        Some(Layout { size, desc: base, avail: base + avail_off, used: base + used_off })
+        Some(Layout {
+            size,
+            desc: base,
+            avail: base + avail_off,
+            used: base + used_off,
+        })
     }
 }
 
@@ -129,7 +134,12 @@ impl Queue {
 
     fn avail_event(&self) -> u16 {
         // SAFETY: used->avail_event sits after the used ring's entries.
-        unsafe { (self.used as *const u8).add(4 + 8 * self.size as usize).cast::<u16>().read_volatile() }
+        unsafe {
+            (self.used as *const u8)
+                .add(4 + 8 * self.size as usize)
+                .cast::<u16>()
+                .read_volatile()
+        }
     }
 
     /// The next used element `(id, len)`, if the device returned one.

@@ -4,7 +4,7 @@
 //! requests in flight per thread.
 
 use super::disks::{self, Failure};
-use crate::blk::{self, Disk, Request, SubmitError, S_OK, SECTOR};
+use crate::blk::{self, Disk, Request, SubmitError, SECTOR, S_OK};
 use crate::boot::MAX_CPUS;
 use crate::{dma, println, smp, tsc, x86, Boot};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +97,8 @@ fn thread(cpu: usize, arg: usize) {
     }
     let stats = &job.stats[cpu];
     // SAFETY: each thread has its own BUCKETS-entry histogram.
-    let histogram = unsafe { core::slice::from_raw_parts_mut(stats.histogram as *mut u32, BUCKETS) };
+    let histogram =
+        unsafe { core::slice::from_raw_parts_mut(stats.histogram as *mut u32, BUCKETS) };
     let queue = job.disk.queue(cpu);
     let blocks = job.disk.capacity * SECTOR / job.block_bytes;
     let (region_start, region_len) = if job.pattern.random() {
@@ -108,7 +109,11 @@ fn thread(cpu: usize, arg: usize) {
     };
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((cpu as u64 + 1) << 32);
     let mut cursor = 0u64;
-    let kind = if job.pattern.writes() { blk::T_OUT } else { blk::T_IN };
+    let kind = if job.pattern.writes() {
+        blk::T_OUT
+    } else {
+        blk::T_IN
+    };
     let mut started = [0u64; MAX_DEPTH];
     let mut buffer_of_slot = [0usize; MAX_DEPTH];
     let mut free_buffers = [0usize; MAX_DEPTH];
@@ -181,7 +186,10 @@ fn thread(cpu: usize, arg: usize) {
     stats.ops.store(ops, Ordering::Relaxed);
     stats.errors.store(errors, Ordering::Relaxed);
     stats.lost_interrupts.store(lost, Ordering::Relaxed);
-    stats.elapsed_ns.store(tsc::ticks_to_ns(x86::rdtsc() - job.start_tsc), Ordering::Relaxed);
+    stats.elapsed_ns.store(
+        tsc::ticks_to_ns(x86::rdtsc() - job.start_tsc),
+        Ordering::Relaxed,
+    );
 }
 
 fn percentile(histogram: &[u64], total: u64, fraction_per_mille: u64) -> u64 {
@@ -198,8 +206,18 @@ fn percentile(histogram: &[u64], total: u64, fraction_per_mille: u64) -> u64 {
 
 pub fn run(boot: &Boot) -> bool {
     const NAME: &str = "blk-bench";
-    let bad = |key: &'static str| disks::report_failure(NAME, &Failure { reason: "bad-argument", detail: key });
-    let Some(pattern) = Pattern::parse(boot.cmdline.get_or("rw", "randread")) else { return bad("rw") };
+    let bad = |key: &'static str| {
+        disks::report_failure(
+            NAME,
+            &Failure {
+                reason: "bad-argument",
+                detail: key,
+            },
+        )
+    };
+    let Some(pattern) = Pattern::parse(boot.cmdline.get_or("rw", "randread")) else {
+        return bad("rw");
+    };
     let block_bytes = match boot.cmdline.number("bs", 4096) {
         Ok(b) if b >= SECTOR && b % SECTOR == 0 && b <= MAX_BLOCK_BYTES => b,
         _ => return bad("bs"),
@@ -220,12 +238,26 @@ pub fn run(boot: &Boot) -> bool {
         Ok(d) => d,
         Err(f) => return disks::report_failure(NAME, &f),
     };
-    let Some(disk) = all.iter().next() else { return bad("disk") };
+    let Some(disk) = all.iter().next() else {
+        return bad("disk");
+    };
     if disk.capacity * SECTOR < block_bytes {
-        return disks::report_failure(NAME, &Failure { reason: "disk-too-small", detail: "" });
+        return disks::report_failure(
+            NAME,
+            &Failure {
+                reason: "disk-too-small",
+                detail: "",
+            },
+        );
     }
     if pattern.writes() && disk.read_only {
-        return disks::report_failure(NAME, &Failure { reason: "read-only-disk", detail: "" });
+        return disks::report_failure(
+            NAME,
+            &Failure {
+                reason: "read-only-disk",
+                detail: "",
+            },
+        );
     }
     let threads = smp::online().min(disk.queue_count);
     let depth = qd.min(disk.queue(0).capacity() as usize);
@@ -256,7 +288,15 @@ pub fn run(boot: &Boot) -> bool {
                 job.buffers[cpu] = dma::phys(&b[0]);
                 job.stats[cpu].histogram = dma::phys(&h[0]);
             }
-            _ => return disks::report_failure(NAME, &Failure { reason: "out-of-memory", detail: "" }),
+            _ => {
+                return disks::report_failure(
+                    NAME,
+                    &Failure {
+                        reason: "out-of-memory",
+                        detail: "",
+                    },
+                )
+            }
         }
     }
     let kicks_before = disk.kicks();

@@ -21,7 +21,7 @@
 //! on sectors of extent 0 and rewrite the pattern there afterwards.
 
 use super::disks::{self, Failure};
-use crate::blk::{self, Disk, Request, S_IOERR, S_OK, SECTOR};
+use crate::blk::{self, Disk, Request, SECTOR, S_IOERR, S_OK};
 use crate::boot::MAX_CPUS;
 use crate::{dma, println, smp, Boot};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -59,8 +59,16 @@ struct Extents {
 impl Extents {
     fn new(capacity: u64) -> Extents {
         let total = capacity.div_ceil(EXTENT_SECTORS);
-        let stride = if total <= ALL_EXTENTS_UP_TO { 1 } else { total.div_ceil(ALL_EXTENTS_UP_TO) };
-        Extents { capacity, total, stride }
+        let stride = if total <= ALL_EXTENTS_UP_TO {
+            1
+        } else {
+            total.div_ceil(ALL_EXTENTS_UP_TO)
+        };
+        Extents {
+            capacity,
+            total,
+            stride,
+        }
     }
 
     fn regular(&self) -> u64 {
@@ -68,13 +76,17 @@ impl Extents {
     }
 
     fn count(&self) -> u64 {
-        let last_is_regular = self.total == 0 || (self.total - 1) % self.stride == 0;
+        let last_is_regular = self.total == 0 || (self.total - 1).is_multiple_of(self.stride);
         self.regular() + if last_is_regular { 0 } else { 1 }
     }
 
     /// Sector range of the `j`-th written extent.
     fn nth(&self, j: u64) -> (u64, u64) {
-        let e = if j < self.regular() { j * self.stride } else { self.total - 1 };
+        let e = if j < self.regular() {
+            j * self.stride
+        } else {
+            self.total - 1
+        };
         let start = e * EXTENT_SECTORS;
         (start, (start + EXTENT_SECTORS).min(self.capacity))
     }
@@ -100,15 +112,25 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    // Each CPU touches only its own buffer, and one borrow at a time.
+    #[allow(clippy::mut_from_ref)]
     fn buffer(&self, cpu: usize) -> &mut [u64] {
         // SAFETY: each CPU has its own EXTENT_BYTES buffer.
-        unsafe { core::slice::from_raw_parts_mut(self.buffers[cpu] as *mut u64, EXTENT_BYTES as usize / 8) }
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.buffers[cpu] as *mut u64,
+                EXTENT_BYTES as usize / 8,
+            )
+        }
     }
 
     fn error(&self, what: &str, sector: u64, status: Option<u8>) {
         if self.errors.fetch_add(1, Ordering::Relaxed) < 8 {
             match status {
-                Some(s) => println!("ERROR disk={} sector={} {} status={}", self.disk_index, sector, what, s),
+                Some(s) => println!(
+                    "ERROR disk={} sector={} {} status={}",
+                    self.disk_index, sector, what, s
+                ),
                 None => println!("ERROR disk={} sector={} {}", self.disk_index, sector, what),
             }
         }
@@ -122,11 +144,24 @@ impl Job<'_> {
         let mut ok = true;
         while sector < end {
             let sectors = (end - sector).min(self.io_bytes as u64 / SECTOR);
-            let req = Request { kind, sector, buf: buf + (sector - start) * SECTOR, len: (sectors * SECTOR) as u32 };
+            let req = Request {
+                kind,
+                sector,
+                buf: buf + (sector - start) * SECTOR,
+                len: (sectors * SECTOR) as u32,
+            };
             match queue.run(&req) {
                 Ok(S_OK) => {}
                 Ok(status) => {
-                    self.error(if kind == blk::T_OUT { "write-failed" } else { "read-failed" }, sector, Some(status));
+                    self.error(
+                        if kind == blk::T_OUT {
+                            "write-failed"
+                        } else {
+                            "read-failed"
+                        },
+                        sector,
+                        Some(status),
+                    );
                     ok = false;
                 }
                 Err(()) => {
@@ -143,7 +178,9 @@ impl Job<'_> {
     fn fill(&self, cpu: usize, start: u64, end: u64) {
         let buffer = self.buffer(cpu);
         for (i, sector) in (start..end).enumerate() {
-            let words: &mut [u64; WORDS] = (&mut buffer[i * WORDS..(i + 1) * WORDS]).try_into().expect("a sector is WORDS words");
+            let words: &mut [u64; WORDS] = (&mut buffer[i * WORDS..(i + 1) * WORDS])
+                .try_into()
+                .expect("a sector is WORDS words");
             fill_sector(self.seed, self.disk_index, sector, words);
         }
     }
@@ -224,11 +261,24 @@ impl RangeCheck {
 /// then restores the pattern there.
 fn check_range(job: &Job, kind: u32, start: u64, n: u64) -> RangeCheck {
     let queue = job.disk.queue(0);
-    let req = Request { kind, sector: start, buf: 0, len: (n * SECTOR) as u32 };
+    let req = Request {
+        kind,
+        sector: start,
+        buf: 0,
+        len: (n * SECTOR) as u32,
+    };
     match queue.run(&req) {
         Ok(S_OK) => {}
         Ok(status) => {
-            job.error(if kind == blk::T_DISCARD { "discard-failed" } else { "write-zeroes-failed" }, start, Some(status));
+            job.error(
+                if kind == blk::T_DISCARD {
+                    "discard-failed"
+                } else {
+                    "write-zeroes-failed"
+                },
+                start,
+                Some(status),
+            );
             return RangeCheck::Failed;
         }
         Err(()) => {
@@ -240,7 +290,9 @@ fn check_range(job: &Job, kind: u32, start: u64, n: u64) -> RangeCheck {
     if !job.transfer(0, blk::T_IN, start, start + n) {
         return RangeCheck::Failed;
     }
-    let zero = job.buffer(0)[..(n * SECTOR / 8) as usize].iter().all(|&w| w == 0);
+    let zero = job.buffer(0)[..(n * SECTOR / 8) as usize]
+        .iter()
+        .all(|&w| w == 0);
     let result = match (zero, kind) {
         (true, _) => RangeCheck::Zeroed,
         (false, blk::T_DISCARD) => RangeCheck::Kept,
@@ -291,31 +343,50 @@ fn check_read_only(job: &Job, totals: &mut Totals) {
         return;
     }
     let mut before = [0u64; 8 * WORDS];
-    before[..(sectors as usize) * WORDS].copy_from_slice(&job.buffer(0)[..(sectors as usize) * WORDS]);
+    before[..(sectors as usize) * WORDS]
+        .copy_from_slice(&job.buffer(0)[..(sectors as usize) * WORDS]);
     job.fill(0, 0, sectors);
-    let req = Request { kind: blk::T_OUT, sector: 0, buf: job.buffers[0], len: (sectors * SECTOR) as u32 };
+    let req = Request {
+        kind: blk::T_OUT,
+        sector: 0,
+        buf: job.buffers[0],
+        len: (sectors * SECTOR) as u32,
+    };
     match job.disk.queue(0).run(&req) {
         Ok(S_IOERR) => totals.ro_refused += 1,
         Ok(status) => job.error("read-only-write-not-refused", 0, Some(status)),
         Err(()) => job.error("interrupt-lost", 0, None),
     }
     job.buffer(0).fill(0);
-    if job.transfer(0, blk::T_IN, 0, sectors) && job.buffer(0)[..(sectors as usize) * WORDS] != before[..(sectors as usize) * WORDS] {
+    if job.transfer(0, blk::T_IN, 0, sectors)
+        && job.buffer(0)[..(sectors as usize) * WORDS] != before[..(sectors as usize) * WORDS]
+    {
         job.error("read-only-data-changed", 0, None);
     }
 }
 
 /// GET_ID: the device's serial, printed on an `ID` line.
 fn read_id(job: &Job) {
-    let req = Request { kind: blk::T_GET_ID, sector: 0, buf: job.buffers[0], len: blk::GET_ID_BYTES };
+    let req = Request {
+        kind: blk::T_GET_ID,
+        sector: 0,
+        buf: job.buffers[0],
+        len: blk::GET_ID_BYTES,
+    };
     job.buffer(0).fill(0);
     match job.disk.queue(0).run(&req) {
         Ok(S_OK) => {
             // SAFETY: the buffer holds at least GET_ID_BYTES bytes.
-            let bytes = unsafe { core::slice::from_raw_parts(job.buffers[0] as *const u8, blk::GET_ID_BYTES as usize) };
+            let bytes = unsafe {
+                core::slice::from_raw_parts(job.buffers[0] as *const u8, blk::GET_ID_BYTES as usize)
+            };
             let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
             let id = core::str::from_utf8(&bytes[..len]).unwrap_or("?");
-            println!("ID disk={} id={}", job.disk_index, if id.is_empty() { "-" } else { id });
+            println!(
+                "ID disk={} id={}",
+                job.disk_index,
+                if id.is_empty() { "-" } else { id }
+            );
         }
         Ok(blk::S_UNSUPP) => println!("ID disk={} id=unsupported", job.disk_index),
         Ok(status) => job.error("get-id-failed", 0, Some(status)),
@@ -327,11 +398,27 @@ pub fn run(boot: &Boot) -> bool {
     const NAME: &str = "blk-verify";
     let seed = match boot.cmdline.number("seed", 1) {
         Ok(s) => s,
-        Err(_) => return disks::report_failure(NAME, &Failure { reason: "bad-argument", detail: "seed" }),
+        Err(_) => {
+            return disks::report_failure(
+                NAME,
+                &Failure {
+                    reason: "bad-argument",
+                    detail: "seed",
+                },
+            )
+        }
     };
     let loops = match boot.cmdline.number("loops", 1) {
         Ok(l) if l >= 1 => l,
-        _ => return disks::report_failure(NAME, &Failure { reason: "bad-argument", detail: "loops" }),
+        _ => {
+            return disks::report_failure(
+                NAME,
+                &Failure {
+                    reason: "bad-argument",
+                    detail: "loops",
+                },
+            )
+        }
     };
     let opts = match disks::options(&boot.cmdline, EXTENT_BYTES) {
         Ok(o) => o,
@@ -346,7 +433,15 @@ pub fn run(boot: &Boot) -> bool {
     for b in buffers.iter_mut().take(threads) {
         match dma::alloc(EXTENT_BYTES as usize, 4096) {
             Some(block) => *b = dma::phys(&block[0]),
-            None => return disks::report_failure(NAME, &Failure { reason: "out-of-memory", detail: "" }),
+            None => {
+                return disks::report_failure(
+                    NAME,
+                    &Failure {
+                        reason: "out-of-memory",
+                        detail: "",
+                    },
+                )
+            }
         }
     }
     let mut totals = Totals::default();
@@ -374,7 +469,12 @@ pub fn run(boot: &Boot) -> bool {
                 job.seed = seed.wrapping_add(k);
                 run_phase(&mut job, Phase::Write);
                 if disk.has(blk::F_FLUSH) {
-                    let flush = Request { kind: blk::T_FLUSH, sector: 0, buf: 0, len: 0 };
+                    let flush = Request {
+                        kind: blk::T_FLUSH,
+                        sector: 0,
+                        buf: 0,
+                        len: 0,
+                    };
                     match disk.queue(0).run(&flush) {
                         Ok(S_OK) => totals.flushes += 1,
                         Ok(status) => job.error("flush-failed", 0, Some(status)),
@@ -389,13 +489,17 @@ pub fn run(boot: &Boot) -> bool {
             let n = 16u64.div_ceil(align) * align;
             let discard_start = align;
             let zeroes_start = discard_start + n;
-            let fits = |start: u64, max: u32| start + n <= disk.capacity.min(EXTENT_SECTORS) && n <= max as u64;
+            let fits = |start: u64, max: u32| {
+                start + n <= disk.capacity.min(EXTENT_SECTORS) && n <= max as u64
+            };
             let d = if disk.has(blk::F_DISCARD) && fits(discard_start, disk.max_discard_sectors) {
                 check_range(&job, blk::T_DISCARD, discard_start, n)
             } else {
                 RangeCheck::Unsupported
             };
-            let w = if disk.has(blk::F_WRITE_ZEROES) && fits(zeroes_start, disk.max_write_zeroes_sectors) {
+            let w = if disk.has(blk::F_WRITE_ZEROES)
+                && fits(zeroes_start, disk.max_write_zeroes_sectors)
+            {
                 check_range(&job, blk::T_WRITE_ZEROES, zeroes_start, n)
             } else {
                 RangeCheck::Unsupported

@@ -19,7 +19,10 @@ fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, F
         None => Ok(default),
         Some("on") | Some("1") | Some("yes") => Ok(true),
         Some("off") | Some("0") | Some("no") => Ok(false),
-        Some(_) => Err(Failure { reason: "bad-argument", detail: key }),
+        Some(_) => Err(Failure {
+            reason: "bad-argument",
+            detail: key,
+        }),
     }
 }
 
@@ -28,12 +31,22 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
     let kind = match cmdline.get_or("transport", "modern") {
         "modern" => Kind::Modern,
         "legacy" => Kind::Legacy,
-        _ => return Err(Failure { reason: "bad-argument", detail: "transport" }),
+        _ => {
+            return Err(Failure {
+                reason: "bad-argument",
+                detail: "transport",
+            })
+        }
     };
     let completion = match cmdline.get_or("completion", "poll") {
         "poll" => Completion::Poll,
         "irq" => Completion::Irq,
-        _ => return Err(Failure { reason: "bad-argument", detail: "completion" }),
+        _ => {
+            return Err(Failure {
+                reason: "bad-argument",
+                detail: "completion",
+            })
+        }
     };
     Ok(Options {
         kind,
@@ -57,7 +70,10 @@ impl Disks {
 }
 
 /// Big, so kept off the stack; a run opens its disks once.
-static mut DISKS: Disks = Disks { disks: [const { None }; MAX_DISKS], count: 0 };
+static mut DISKS: Disks = Disks {
+    disks: [const { None }; MAX_DISKS],
+    count: 0,
+};
 
 /// Opens every virtio-blk function on bus 0 (at most `limit`), in
 /// bus/device/function order, printing a `DISK` line for each.
@@ -71,8 +87,16 @@ pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure>
             break;
         }
         let disk = blk::open(*f, opts).map_err(|e| {
-            println!("DISK index={} pci={} error={}", disks.count, f.addr, e.reason());
-            Failure { reason: e.reason(), detail: "" }
+            println!(
+                "DISK index={} pci={} error={}",
+                disks.count,
+                f.addr,
+                e.reason()
+            );
+            Failure {
+                reason: e.reason(),
+                detail: "",
+            }
         })?;
         println!(
             "DISK index={} pci={} transport={} sectors={} blk_size={} ro={} queues={} features={:#x} event_idx={} indirect={}",
@@ -91,7 +115,10 @@ pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure>
         disks.count += 1;
     }
     if disks.count == 0 {
-        return Err(Failure { reason: "no-disk", detail: "" });
+        return Err(Failure {
+            reason: "no-disk",
+            detail: "",
+        });
     }
     Ok(disks)
 }
@@ -99,9 +126,15 @@ pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure>
 /// Prints the `RESULT` line of a workload that could not start.
 pub fn report_failure(workload: &str, f: &Failure) -> bool {
     if f.detail.is_empty() {
-        println!("RESULT workload={} status=fail reason={}", workload, f.reason);
+        println!(
+            "RESULT workload={} status=fail reason={}",
+            workload, f.reason
+        );
     } else {
-        println!("RESULT workload={} status=fail reason={} key={}", workload, f.reason, f.detail);
+        println!(
+            "RESULT workload={} status=fail reason={} key={}",
+            workload, f.reason, f.detail
+        );
     }
     false
 }

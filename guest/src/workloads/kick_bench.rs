@@ -11,7 +11,15 @@ pub fn run(boot: &Boot) -> bool {
     const NAME: &str = "kick-bench";
     let n = match boot.cmdline.number("n", 100_000) {
         Ok(n) if n > 0 => n,
-        _ => return disks::report_failure(NAME, &Failure { reason: "bad-argument", detail: "n" }),
+        _ => {
+            return disks::report_failure(
+                NAME,
+                &Failure {
+                    reason: "bad-argument",
+                    detail: "n",
+                },
+            )
+        }
     };
     let opts = match disks::options(&boot.cmdline, 4096) {
         Ok(o) => o,
@@ -22,7 +30,13 @@ pub fn run(boot: &Boot) -> bool {
         Err(f) => return disks::report_failure(NAME, &f),
     };
     let Some(disk) = all.iter().next() else {
-        return disks::report_failure(NAME, &Failure { reason: "no-disk", detail: "" });
+        return disks::report_failure(
+            NAME,
+            &Failure {
+                reason: "no-disk",
+                detail: "",
+            },
+        );
     };
     let doorbell = disk.queue(0).doorbell();
     for _ in 0..WARMUP_KICKS {
