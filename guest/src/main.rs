@@ -12,6 +12,7 @@ mod boot;
 mod dma;
 mod lapic;
 mod mem;
+mod net;
 mod paging;
 mod pci;
 mod serial;

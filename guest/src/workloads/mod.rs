@@ -8,6 +8,10 @@ mod disks;
 mod fault;
 mod info;
 mod kick_bench;
+mod net_common;
+mod net_echo;
+mod net_rx;
+mod net_tx;
 
 /// Runs the workload the command line names; true if it succeeded.
 pub fn run(boot: &Boot) -> bool {
@@ -19,6 +23,9 @@ pub fn run(boot: &Boot) -> bool {
         "blk-verify" => blk_verify::run(boot),
         "blk-bench" => blk_bench::run(boot),
         "kick-bench" => kick_bench::run(boot),
+        "net-echo" => net_echo::run(boot),
+        "net-tx" => net_tx::run(boot),
+        "net-rx" => net_rx::run(boot),
         other => {
             println!(
                 "RESULT workload={} status=fail reason=unknown-workload",
