@@ -68,6 +68,9 @@ pub trait QueueHandler: Send + Sync {
     }
     /// Polling of `queue` stops: notifications back on, and a last look at the ring.
     fn rearm(&self, _queue: usize) {}
+    /// While paused, requests in flight complete but nothing new is taken from the rings.
+    /// Returns once no queue is in the middle of taking requests.
+    fn set_paused(&self, _paused: bool) {}
     /// Requests of `queue` are in flight: the I/O thread may poll rather than sleep.
     fn busy(&self, queue: usize) -> bool;
     fn num_queues(&self) -> usize;

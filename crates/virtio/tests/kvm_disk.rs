@@ -122,6 +122,12 @@ impl Machine {
     }
 }
 
+/// The used ring, on its own page: the mock's own used ring overlaps the end of its
+/// available ring (virtio-queue 0.18's `SplitQueueRing::end` counts elements, not bytes).
+fn used_ring(mock: &MockSplitQueue<GuestMemoryMmap>) -> GuestAddress {
+    mock.desc_table_addr().unchecked_add(0x8000)
+}
+
 /// What a modern driver does: MSI-X on with vector 0 for queue 0, features, one queue, DRIVER_OK.
 fn bring_up_modern(m: &Machine, mock: &MockSplitQueue<GuestMemoryMmap>) -> u64 {
     assert_eq!(m.config_read(0) & 0xffff, 0x1af4);
@@ -157,7 +163,7 @@ fn bring_up_modern(m: &Machine, mock: &MockSplitQueue<GuestMemoryMmap>) -> u64 {
     assert_eq!(m.mmio_read(common + 0x1a, 2), 0, "vector 0 accepted");
     m.mmio_write(common + 0x20, mock.desc_table_addr().0, 8);
     m.mmio_write(common + 0x28, mock.avail_addr().0, 8);
-    m.mmio_write(common + 0x30, mock.used_addr().0, 8);
+    m.mmio_write(common + 0x30, used_ring(mock).0, 8);
     m.mmio_write(common + 0x1c, 1, 2);
     let queue_notify_off = m.mmio_read(common + 0x1e, 2);
     m.mmio_write(common + 0x14, 0xf, 1);
@@ -183,13 +189,25 @@ fn add_read(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>, n: u1
     .into_iter()
     .map(RawDescriptor::from)
     .collect();
-    mock.add_desc_chains(&descs, first).unwrap();
+    // By hand rather than `add_desc_chains`, which does not wrap the available ring.
+    for (i, desc) in descs.into_iter().enumerate() {
+        let at = mock
+            .desc_table_addr()
+            .unchecked_add(16 * (u64::from(first) + i as u64));
+        mem.write_obj(desc, at).unwrap();
+    }
+    let idx_addr = mock.avail_addr().unchecked_add(2);
+    let idx: u16 = mem.read_obj(idx_addr).unwrap();
+    let slot = mock.avail_addr().unchecked_add(4 + 2 * u64::from(idx % 16));
+    mem.write_obj(first, slot).unwrap();
+    std::sync::atomic::fence(Ordering::Release);
+    mem.write_obj(idx.wrapping_add(1), idx_addr).unwrap();
 }
 
 fn wait_used(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>, want: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let used: u16 = mem.read_obj(mock.used_addr().unchecked_add(2)).unwrap();
+        let used: u16 = mem.read_obj(used_ring(mock).unchecked_add(2)).unwrap();
         if used >= want {
             return;
         }
@@ -383,5 +401,40 @@ fn reset_takes_the_queue_back_to_sync_before_driver_ok() {
     assert_eq!(
         device.lock().unwrap().queue_reports()[0].mode,
         NotifyMode::Sync(SyncReason::DriverNotReady)
+    );
+}
+
+#[test]
+fn pause_and_resume_around_kicks_lose_no_request() {
+    let image = TempImage::new();
+    let mut m = machine(PciOptions::default());
+    let disk: BlkConfig = format!("path={},transport=modern", image.0.display())
+        .parse()
+        .unwrap();
+    m.pci.add_disk(&disk).unwrap();
+    let mock = MockSplitQueue::create(&m.mem, GuestAddress(0x10_0000), 16);
+    bring_up_modern(&m, &mock);
+    let device = m.pci.device("disk0").unwrap();
+    let kick = device.lock().unwrap().kick_eventfds()[0].clone();
+    for round in 0..40u16 {
+        // Descriptor slots are reused every 5 rounds (3 descriptors each, 16 in the table).
+        let slot = round % 5;
+        add_read(&m.mem, &mock, slot, u64::from(round));
+        kick.write(1).unwrap();
+        assert!(
+            device.lock().unwrap().pause(),
+            "round {round}: pause did not quiesce"
+        );
+        assert_eq!(
+            device.lock().unwrap().queue_reports()[0].mode,
+            NotifyMode::Sync(SyncReason::VmPaused)
+        );
+        device.lock().unwrap().resume();
+        wait_used(&m.mem, &mock, round + 1);
+        check_read(&m.mem, slot, u64::from(round));
+    }
+    assert_eq!(
+        device.lock().unwrap().queue_reports()[0].mode,
+        NotifyMode::Ioeventfd
     );
 }

@@ -8,7 +8,7 @@
 //! when the queue goes idle.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kickvm_block::{BlockEngine, Completion};
@@ -57,6 +57,8 @@ pub struct BlkHandler {
     queues: Vec<Mutex<Option<BlkQueue>>>,
     completion_fds: Vec<Option<RawFd>>,
     in_flight: Vec<AtomicUsize>,
+    /// VM paused: requests in flight complete, nothing new is taken from the rings.
+    paused: AtomicBool,
 }
 
 enum Outcome {
@@ -85,6 +87,7 @@ impl BlkHandler {
             queues: queues.into_iter().map(Mutex::new).collect(),
             completion_fds,
             in_flight,
+            paused: AtomicBool::new(false),
         }
     }
 
@@ -119,7 +122,12 @@ impl BlkHandler {
         let counters = &self.counters[index];
         let mut used = self.reap(state);
         let mut popped = 0;
-        match self.take_available(state, counters, &mut used, &mut popped, rearm) {
+        let outcome = if self.paused.load(Ordering::SeqCst) {
+            Outcome::Done
+        } else {
+            self.take_available(state, counters, &mut used, &mut popped, rearm)
+        };
+        match outcome {
             Outcome::Done => {}
             Outcome::Fatal(reason) => {
                 log::warn!("virtio-blk queue {index}: {reason}; device needs reset");
@@ -323,5 +331,13 @@ impl QueueHandler for BlkHandler {
 
     fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        // A run that started before the flag was set finishes before this returns.
+        for queue in &self.queues {
+            drop(queue.lock().unwrap());
+        }
     }
 }

@@ -556,3 +556,20 @@ fn reset_after_activation_stops_the_queues() {
     d.handler.process_queue(0);
     assert_eq!(used_idx(&mem, &mock), 0);
 }
+
+#[test]
+fn paused_queue_completes_nothing_new_and_takes_it_after_resume() {
+    let mem = guest_memory(0x40_0000);
+    let mock = setup(&mem);
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 2);
+    mock.add_desc_chains(&request(0, 512, WRITE), 0).unwrap();
+    let d = disk(&mem, vec![mock.create_queue().unwrap()], false, None);
+    d.handler.set_paused(true);
+    d.handler.process_queue(0);
+    assert!(!d.handler.poll_queue(0));
+    assert_eq!(used_idx(&mem, &mock), 0, "nothing taken while paused");
+    d.handler.set_paused(false);
+    d.handler.process_queue(0);
+    assert_eq!(used_idx(&mem, &mock), 1);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+}

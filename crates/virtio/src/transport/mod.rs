@@ -330,9 +330,13 @@ impl VirtioPciDevice {
         self.notifier.set_ioeventfd(on, &sink);
     }
 
-    /// VM pause: kicks stop reaching the device (kept for resume), then waits until requests
-    /// already in flight have completed, so the queues are quiescent.
+    /// VM pause (vCPUs already stopped): nothing new is taken from the rings, kicks stop
+    /// reaching the device (kept for resume), and this returns once the requests in flight
+    /// have completed, so the queues are quiescent. False if they did not within 10 s.
     pub fn pause(&mut self) -> bool {
+        if let Some(handler) = &self.handler {
+            handler.set_paused(true);
+        }
         let sink = HandlerSink(self.handler.as_ref());
         self.notifier.vm_paused(&sink);
         let Some(handler) = &self.handler else {
@@ -349,9 +353,25 @@ impl VirtioPciDevice {
         true
     }
 
+    /// Undoes [`Self::pause`] in the order that loses nothing: rings open, doorbells back, and
+    /// every queue looked at once (a spurious kick is harmless; a request made available
+    /// around the pause must not wait for the next one).
     pub fn resume(&mut self) {
-        let sink = HandlerSink(self.handler.as_ref());
-        self.notifier.vm_resumed(&sink);
+        let Some(handler) = self.handler.clone() else {
+            self.notifier.vm_resumed(&HandlerSink(None));
+            return;
+        };
+        handler.set_paused(false);
+        self.notifier.vm_resumed(&HandlerSink(Some(&handler)));
+        for (queue, mode) in self.notifier.modes().into_iter().enumerate() {
+            match mode {
+                NotifyMode::Ioeventfd => {
+                    let _ = self.kicks[queue].write(1);
+                }
+                NotifyMode::Sync(_) => handler.process_queue(queue),
+                NotifyMode::HostNotifier => {}
+            }
+        }
     }
 
     /// The queues' kick eventfds (the doorbells' targets in ioeventfd mode).
