@@ -1,7 +1,7 @@
 //! The root bus: a host bridge at 00:00.0, up to 31 more devices, type-1 configuration access
 //! through ports 0xCF8..0xCFF, and the one place where BAR moves are applied to the buses.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use kickvm_bus::{Bus, BusDevice, BusError};
 
@@ -210,14 +210,20 @@ impl PciRoot {
 }
 
 /// Ports 0xCF8 (CONFIG_ADDRESS) and 0xCFC..0xCFF (CONFIG_DATA): PCI configuration mechanism #1.
+///
+/// Holds the root weakly: the root holds the PIO bus this sits on, and a strong reference
+/// would keep the whole device tree (and its I/O threads) alive after the VM is gone.
 pub struct PciConfigIo {
-    root: Arc<Mutex<PciRoot>>,
+    root: Weak<Mutex<PciRoot>>,
     address: u32,
 }
 
 impl PciConfigIo {
-    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        Self { root, address: 0 }
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> Self {
+        Self {
+            root: Arc::downgrade(root),
+            address: 0,
+        }
     }
 
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
@@ -236,16 +242,12 @@ impl BusDevice for PciConfigIo {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let value = match offset {
             0..=3 => u64::from(self.address) >> (offset * 8),
-            4..=7 => match self.target() {
-                Some((bus, slot, function, reg)) => {
-                    let value = self
-                        .root
-                        .lock()
-                        .unwrap()
-                        .read_config(bus, slot, function, reg);
+            4..=7 => match (self.target(), self.root.upgrade()) {
+                (Some((bus, slot, function, reg)), Some(root)) => {
+                    let value = root.lock().unwrap().read_config(bus, slot, function, reg);
                     u64::from(value) >> ((offset - 4) * 8)
                 }
-                None => u64::MAX,
+                _ => u64::MAX,
             },
             _ => u64::MAX,
         };
@@ -266,15 +268,12 @@ impl BusDevice for PciConfigIo {
                 if data_offset as usize + data.len() > 4 {
                     return;
                 }
-                if let Some((bus, slot, function, reg)) = self.target() {
-                    self.root.lock().unwrap().write_config(
-                        bus,
-                        slot,
-                        function,
-                        reg,
-                        data_offset,
-                        data,
-                    );
+                if let (Some((bus, slot, function, reg)), Some(root)) =
+                    (self.target(), self.root.upgrade())
+                {
+                    root.lock()
+                        .unwrap()
+                        .write_config(bus, slot, function, reg, data_offset, data);
                 }
             }
             _ => {}
@@ -337,7 +336,7 @@ mod tests {
         let mmio = Arc::new(Bus::new());
         let root = Arc::new(Mutex::new(PciRoot::new(pio.clone(), mmio.clone())));
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            Arc::new(Mutex::new(PciConfigIo::new(&root))),
             PCI_CONFIG_IO_BASE,
             PCI_CONFIG_IO_LEN,
         )

@@ -103,7 +103,7 @@ impl PciDevices {
     ) -> Result<Self, AttachError> {
         let root = Arc::new(Mutex::new(PciRoot::new(pio.clone(), mmio)));
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            Arc::new(Mutex::new(PciConfigIo::new(&root))),
             PCI_CONFIG_IO_BASE,
             PCI_CONFIG_IO_LEN,
         )
