@@ -248,6 +248,11 @@ impl IntxLine {
     pub fn resample_fd(&self) -> &EventFd {
         &self.resample
     }
+
+    /// The irqfd KVM injects from (what [`IntxLine::assert`] signals).
+    pub fn trigger_fd(&self) -> &EventFd {
+        &self.trigger
+    }
 }
 
 impl Drop for IntxLine {

@@ -158,3 +158,84 @@ impl VirtioInterrupt for PciInterrupt {
         self.signal_config();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{router, MockChip};
+
+    fn interrupt(with_intx: bool) -> (Arc<Mutex<MsixConfig>>, PciInterrupt) {
+        let router = router();
+        let msix = Arc::new(Mutex::new(MsixConfig::new(3, router.clone()).unwrap()));
+        let intx = with_intx.then(|| IntxLine::new(Arc::new(MockChip::default()), 17).unwrap());
+        let counters: Arc<[QueueCounters]> = (0..2).map(|_| QueueCounters::default()).collect();
+        (msix.clone(), PciInterrupt::new(msix, intx, 2, counters))
+    }
+
+    fn line_raised(i: &PciInterrupt) -> bool {
+        i.intx().unwrap().trigger_fd().read().is_ok()
+    }
+
+    #[test]
+    fn without_msix_a_queue_interrupt_sets_isr_and_raises_intx_until_isr_is_read() {
+        let (_msix, i) = interrupt(true);
+        i.signal_queue(0);
+        assert!(line_raised(&i));
+        // EOI with the ISR still pending: the level line is raised again.
+        i.intx().unwrap().resample_fd().write(1).unwrap();
+        i.resample();
+        assert!(line_raised(&i));
+        assert_eq!(i.read_isr(), ISR_QUEUE);
+        assert_eq!(i.read_isr(), 0, "reading the ISR acknowledges it");
+        // EOI after the ISR was read: the line stays low.
+        i.intx().unwrap().resample_fd().write(1).unwrap();
+        i.resample();
+        assert!(!line_raised(&i));
+    }
+
+    #[test]
+    fn config_interrupt_sets_the_config_isr_bit_and_needs_reset_is_reported() {
+        let (_msix, i) = interrupt(true);
+        i.set_needs_reset();
+        assert!(i.needs_reset());
+        assert!(line_raised(&i));
+        assert_eq!(i.read_isr(), ISR_CONFIG);
+        i.reset();
+        assert!(!i.needs_reset());
+    }
+
+    #[test]
+    fn intx_disable_in_the_command_register_keeps_the_line_low() {
+        let (_msix, i) = interrupt(true);
+        i.set_intx_disabled(true);
+        i.signal_queue(1);
+        assert!(!line_raised(&i));
+        assert_eq!(i.read_isr(), ISR_QUEUE);
+    }
+
+    #[test]
+    fn with_msix_enabled_the_queue_vector_fires_and_intx_stays_low() {
+        let (msix, i) = interrupt(true);
+        msix.lock().unwrap().set_message_control(1 << 15);
+        msix.lock()
+            .unwrap()
+            .write_table(16, &0xfee0_0000u32.to_le_bytes());
+        msix.lock()
+            .unwrap()
+            .write_table(16 + 12, &0u32.to_le_bytes());
+        i.set_queue_vector(1, 1);
+        i.signal_queue(1);
+        assert!(msix.lock().unwrap().irqfd(1).unwrap().read().is_ok());
+        assert!(!line_raised(&i));
+        assert_eq!(i.read_isr(), 0);
+    }
+
+    #[test]
+    fn queue_with_no_vector_under_msix_counts_as_not_sent() {
+        let (msix, i) = interrupt(false);
+        msix.lock().unwrap().set_message_control(1 << 15);
+        i.signal_queue(0);
+        let c = i.counters[0].snapshot();
+        assert_eq!((c.interrupts_sent, c.interrupts_suppressed), (0, 1));
+    }
+}
