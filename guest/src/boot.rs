@@ -17,9 +17,23 @@ pub const FIRST_TSS_SELECTOR: usize = 0x30;
 pub const TSS_BYTES: usize = 104 + 8192 + 1;
 /// Physical address the AP trampoline is copied to (SIPI vector 0x08).
 pub const AP_TRAMPOLINE_ADDR: usize = 0x8000;
-pub const KERNEL_STACK_BYTES: usize = 8 * 1024;
-/// The BSP's user stack; workloads keep big state off the stack, but not all.
-pub const USER_STACK_BYTES: usize = 1024 * 1024;
+/// Every CPU's stacks live in one fixed 512 KiB block from STACKS_BASE, each
+/// stack above an unmapped guard page (4 KiB page tables cover the region):
+/// guard, kernel (RSP0) stack, guard, user stack. An overflow faults (under
+/// PVM a triple fault with CR2 in the guard page, since the exception handler
+/// runs on the same stack) instead of silently overwriting what lies below.
+pub const STACKS_BASE: u64 = 0x100_0000;
+pub const CPU_STACKS_BYTES: u64 = 512 * 1024;
+pub const STACKS_END: u64 = STACKS_BASE + MAX_CPUS as u64 * CPU_STACKS_BYTES;
+const KERNEL_STACK_TOP: u64 = 12 * 1024;
+
+pub fn kernel_stack_top(cpu: usize) -> u64 {
+    STACKS_BASE + cpu as u64 * CPU_STACKS_BYTES + KERNEL_STACK_TOP
+}
+
+pub fn user_stack_top(cpu: usize) -> u64 {
+    STACKS_BASE + (cpu as u64 + 1) * CPU_STACKS_BYTES
+}
 
 /// Interrupts taken per vector (all CPUs), counted by the CPL0 stubs.
 #[no_mangle]
@@ -61,8 +75,12 @@ extern "C" {
 global_asm!(
     r#"
     .set MAX_CPUS, {max_cpus}
-    .set KSTACK, {kstack}
-    .set USTACK, {ustack}
+    .set STACKS_BASE, {stacks_base}
+    .set CPU_STACKS, {cpu_stacks}
+    .set BSP_KERNEL_TOP, STACKS_BASE + {kernel_top}
+    .set BSP_USER_TOP, STACKS_BASE + CPU_STACKS
+    .set STACK_PD_FIRST, STACKS_BASE >> 21
+    .set STACK_PDS, (MAX_CPUS * CPU_STACKS) >> 21
 
     .set USER_DATA, 0x1b
     .set USER_CODE, 0x23
@@ -88,7 +106,7 @@ global_asm!(
     .global pvh_entry32
 pvh_entry32:
     cli
-    movl $(bsp_kernel_stack + KSTACK), %esp
+    movl $BSP_KERNEL_TOP, %esp
     movl %ebx, start_info_paddr
     lgdt gdt_ptr
     movl $CR4_BITS, %eax
@@ -113,7 +131,7 @@ bsp_entry64:
     outb %al, $0x21
     outb %al, $0xa1
     pushq $USER_DATA
-    pushq $(bsp_user_stack + USTACK - 8)
+    pushq $(BSP_USER_TOP - 8)
     pushq $0x202
     pushq $USER_CODE
     pushq $bsp_main
@@ -228,7 +246,9 @@ pdpt:
 pd:
     .set page, 0
     .rept 2048
-    .if page >= 1536
+    .if (page >= STACK_PD_FIRST) && (page < STACK_PD_FIRST + STACK_PDS)
+    .quad stack_pts + ((page - STACK_PD_FIRST) << 12) + 0x7
+    .elseif page >= 1536
     .quad (page << 21) + 0x9f
     .else
     .quad (page << 21) + 0x87
@@ -271,6 +291,8 @@ start_info_paddr:
 idt:
     .set vec, 0
     .rept 32
+    /* No IST: PVM cannot deliver an exception through an IST gate to CPL3
+       (a triple fault, measured), so a handler runs on the faulting stack. */
     .quad EXCEPTION_GATE_LO + vec * 16
     .quad EXCEPTION_GATE_HI
     .set vec, vec + 1
@@ -288,23 +310,31 @@ idt:
     .global bsp_tss
 bsp_tss:
     .long 0
-    .quad bsp_kernel_stack + KSTACK
+    .quad BSP_KERNEL_TOP
     .fill 88, 1, 0
     .short 0
     .short 104
     .fill 8192, 1, 0
     .byte 0xff
 
-    .section .bss.boot_stacks, "aw", @nobits
+    /* 4 KiB pages for the stack region; pages 0 and 3 of each CPU's block
+       are guards (see STACKS_BASE). */
     .balign 4096
-bsp_kernel_stack:
-    .fill KSTACK, 1, 0
-bsp_user_stack:
-    .fill USTACK, 1, 0
+stack_pts:
+    .set page, 0
+    .rept STACK_PDS * 512
+    .if ((page & 127) == 0) || ((page & 127) == 3)
+    .quad 0
+    .else
+    .quad STACKS_BASE + (page << 12) + 0x7
+    .endif
+    .set page, page + 1
+    .endr
 "#,
     max_cpus = const MAX_CPUS,
-    kstack = const KERNEL_STACK_BYTES,
-    ustack = const USER_STACK_BYTES,
+    stacks_base = const STACKS_BASE,
+    cpu_stacks = const CPU_STACKS_BYTES,
+    kernel_top = const KERNEL_STACK_TOP,
     first_tss = const FIRST_TSS_SELECTOR,
     options(att_syntax)
 );

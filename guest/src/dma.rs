@@ -18,7 +18,7 @@ static END: AtomicU64 = AtomicU64::new(0);
 pub fn init(memmap: &[MemmapEntry]) {
     // SAFETY: only the symbol's address is used.
     let image_end = unsafe { &__image_end as *const u8 as u64 };
-    let floor = (image_end + 0xFFFF) & !0xFFFF;
+    let floor = (image_end.max(crate::boot::STACKS_END) + 0xFFFF) & !0xFFFF;
     let best = memmap
         .iter()
         .filter(|e| e.kind == MEMMAP_TYPE_RAM)

@@ -4,16 +4,16 @@
 //! its own TSS (RSP0 for interrupts, the I/O bitmap), kernel and user stack.
 //! An AP that reached Rust reports in, then waits on its work slot.
 
+use crate::boot;
 use crate::boot::{
     ap_trampoline_end, ap_trampoline_start, ApBootSlot, APIC_ID_TO_CPU, AP_BOOT_SLOTS,
-    AP_TRAMPOLINE_ADDR, FIRST_TSS_SELECTOR, GDT, KERNEL_STACK_BYTES, MAX_CPUS, TSS_BYTES,
+    AP_TRAMPOLINE_ADDR, FIRST_TSS_SELECTOR, GDT, MAX_CPUS, TSS_BYTES,
 };
 use crate::topology::Cpus;
 use crate::{lapic, tsc, x86::pause};
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
-const AP_USER_STACK_BYTES: usize = 256 * 1024;
 const TSS_RSP0_OFFSET: usize = 4;
 const TSS_IOMAP_BASE_OFFSET: usize = 102;
 const TSS_HEADER_BYTES: u16 = 104;
@@ -21,18 +21,8 @@ const TSS_HEADER_BYTES: u16 = 104;
 #[repr(C, align(16))]
 struct Tss([u8; TSS_BYTES]);
 
-#[repr(C, align(16))]
-struct KernelStack([u8; KERNEL_STACK_BYTES]);
-
-#[repr(C, align(16))]
-struct UserStack([u8; AP_USER_STACK_BYTES]);
-
-// Index 0 (the BSP) uses the TSS and stacks in boot.rs.
+// Index 0 (the BSP) uses the TSS in boot.rs.
 static mut AP_TSS: [Tss; MAX_CPUS] = [const { Tss([0; TSS_BYTES]) }; MAX_CPUS];
-static mut AP_KERNEL_STACKS: [KernelStack; MAX_CPUS] =
-    [const { KernelStack([0; KERNEL_STACK_BYTES]) }; MAX_CPUS];
-static mut AP_USER_STACKS: [UserStack; MAX_CPUS] =
-    [const { UserStack([0; AP_USER_STACK_BYTES]) }; MAX_CPUS];
 
 static CPUS_STARTED: AtomicUsize = AtomicUsize::new(1);
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
@@ -65,11 +55,8 @@ fn prepare_cpu(index: usize) {
     // AP reads them only after.
     unsafe {
         let tss = &mut (*addr_of_mut!(AP_TSS))[index].0;
-        let kernel_top = (*addr_of_mut!(AP_KERNEL_STACKS))[index]
-            .0
-            .as_ptr_range()
-            .end as u64;
-        let user_top = (*addr_of_mut!(AP_USER_STACKS))[index].0.as_ptr_range().end as u64;
+        let kernel_top = boot::kernel_stack_top(index);
+        let user_top = boot::user_stack_top(index);
         tss[TSS_RSP0_OFFSET..TSS_RSP0_OFFSET + 8].copy_from_slice(&kernel_top.to_le_bytes());
         tss[TSS_IOMAP_BASE_OFFSET..TSS_IOMAP_BASE_OFFSET + 2]
             .copy_from_slice(&TSS_HEADER_BYTES.to_le_bytes());

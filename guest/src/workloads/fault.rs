@@ -19,9 +19,30 @@ pub fn run() -> bool {
     }
 }
 
-/// `workload=exception`: a CPU exception at CPL3 with the IDT intact; the
-/// handler reports it (`EXCEPTION vector=6 ...`) and the run fails.
-pub fn run_exception() -> bool {
+/// `workload=exception [kind=ud|pf]`: a CPU exception at CPL3 with the IDT
+/// intact; the handler reports it (`EXCEPTION vector=6|14 ...`) and the run
+/// fails. `pf` reads the unmapped guard page at the bottom of the stacks.
+pub fn run_exception(boot: &crate::Boot) -> bool {
+    if boot.cmdline.get("kind") == Some("pf") {
+        // SAFETY: deliberately faults; the page is a guard page, never mapped.
+        let value = unsafe { core::ptr::read_volatile(crate::boot::STACKS_BASE as *const u64) };
+        return value == 0;
+    }
     // SAFETY: ud2 raises #UD, whose handler ends the run.
     unsafe { core::arch::asm!("ud2", options(noreturn)) };
+}
+
+/// `workload=stack-overflow`: unbounded recursion runs into the guard page
+/// below the user stack. The #PF handler would run on that same stack (PVM
+/// cannot deliver through an IST gate), so the VM triple-faults with CR2 in
+/// the guard page: loud, where an unguarded overflow corrupted memory.
+pub fn run_stack_overflow() -> bool {
+    #[allow(unconditional_recursion)]
+    fn recurse(depth: u64) -> u64 {
+        let frame = [depth; 64];
+        // black_box keeps the frame and the recursion from being optimised away.
+        core::hint::black_box(&frame);
+        recurse(depth + 1) + core::hint::black_box(frame[1])
+    }
+    recurse(0) > 0
 }

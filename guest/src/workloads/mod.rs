@@ -19,7 +19,8 @@ pub fn run(boot: &Boot) -> bool {
     match name {
         "info" => info::run(boot),
         "fault" => fault::run(),
-        "exception" => fault::run_exception(),
+        "exception" => fault::run_exception(boot),
+        "stack-overflow" => fault::run_stack_overflow(),
         "blk-verify" => blk_verify::run(boot),
         "blk-bench" => blk_bench::run(boot),
         "kick-bench" => kick_bench::run(boot),
