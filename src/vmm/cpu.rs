@@ -46,7 +46,14 @@ pub fn host_is_pvm() -> bool {
 /// kernel the supported way, with its own options:
 /// - `noxsave`: Linux otherwise restores FPU state with `xrstor`, which the CPL0 emulator
 ///   rejects ("emulation failure"); without XSAVE it also drops AVX and friends.
-pub const PVM_LINUX_KERNEL_ARGS: &[&str] = &["noxsave"];
+/// - `clearcpuid=...`: instructions Linux patches into its own CPL0 code when the CPU has
+///   them (alternatives): `popcnt` in hweight (seen failing), and, by the same mechanism,
+///   rdpid, rdtscp, wrgsbase (fsgsbase), stac/clac (smap), rdpkru (pku), invpcid, and
+///   cmpxchg16b (cx16).
+pub const PVM_LINUX_KERNEL_ARGS: &[&str] = &[
+    "noxsave",
+    "clearcpuid=popcnt,cx16,fsgsbase,rdpid,rdtscp,pku,smap,invpcid,pcid",
+];
 
 /// (leaf, subleaf or None for all, register, bit, name): features the PVM emulator cannot run
 /// at guest CPL0, or that Linux then uses at CPL0 (XSAVE-managed state, AVX/AVX-512 code in
