@@ -69,8 +69,11 @@ impl IoeventRegistrar for CappedRegistrar {
                 (n < self.max).then_some(n + 1)
             });
         if reserved.is_err() {
-            // What KVM answers when its I/O bus is full.
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            // KVM answers ENOSPC when its I/O bus is full; this says which limit it was.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("--max-ioeventfds cap of {} registrations reached", self.max),
+            ));
         }
         self.inner.register(fd, doorbell).inspect_err(|_| {
             self.in_use.fetch_sub(1, Ordering::SeqCst);

@@ -100,6 +100,8 @@ pub struct Notifier {
     running: bool,
     host_notifier: bool,
     refused: bool,
+    /// What refused the registration, for reports (KVM's errno, or the --max-ioeventfds cap).
+    refusal: Option<String>,
 }
 
 impl Notifier {
@@ -132,6 +134,7 @@ impl Notifier {
             running: true,
             host_notifier: false,
             refused: false,
+            refusal: None,
         };
         notifier.update_modes();
         notifier
@@ -147,6 +150,11 @@ impl Notifier {
 
     pub fn ioeventfd_property(&self) -> bool {
         self.property_on
+    }
+
+    /// Why the last registration was refused, while the refusal is in force.
+    pub fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref().filter(|_| self.refused)
     }
 
     /// Status gained DRIVER_OK. `doorbells[q]` is `Some` for every queue the driver enabled.
@@ -244,6 +252,7 @@ impl Notifier {
                                 self.name,
                                 new.addr
                             );
+                            self.refusal = Some(e.to_string());
                             failed = true;
                         }
                     }
@@ -304,6 +313,7 @@ impl Notifier {
                     self.name,
                     doorbell.addr
                 );
+                self.refusal = Some(e.to_string());
                 self.refused = true;
                 self.disable(sink, false);
                 return;
@@ -315,6 +325,7 @@ impl Notifier {
                      device stays in sync mode",
                     self.name
                 );
+                self.refusal = Some(format!("the I/O thread cannot watch the eventfd: {e}"));
                 self.refused = true;
                 self.disable(sink, false);
                 return;
@@ -360,7 +371,7 @@ impl Notifier {
             queue.deferred = false;
             if queue.registered {
                 // The I/O thread picks it up; counted as an ioeventfd kick when read.
-                let _ = queue.kick.write(1);
+                self.counters[index].replay_kick(&queue.kick);
             } else if self.driver_ok && !self.host_notifier {
                 sink.process_kick(index);
             }
@@ -643,6 +654,28 @@ mod tests {
             r.kicks[0].read().unwrap(),
             1,
             "the kept kick is back in the eventfd"
+        );
+    }
+
+    #[test]
+    fn kicks_kept_over_pauses_are_counted_once_as_the_guest_made_them() {
+        let mut r = rig(1, true, None);
+        r.driver_ok();
+        let mut guest_kicks = 0;
+        for _ in 0..10 {
+            assert!(r.registrar.guest_writes(doorbell(0), &r.kicks));
+            guest_kicks += 1;
+            r.notifier.vm_paused(&r.sink);
+            r.notifier.vm_resumed(&r.sink);
+            // What the I/O thread does with the re-signalled kick.
+            let read = r.kicks[0].read().unwrap();
+            QueueCounters::add(&r.counters[0].kicks_ioeventfd, read);
+        }
+        let c = r.counters[0].snapshot();
+        assert_eq!(c.kicks_replayed, 10);
+        assert_eq!(
+            c.kicks_ioeventfd + c.kicks_exit - c.kicks_replayed,
+            guest_kicks
         );
     }
 

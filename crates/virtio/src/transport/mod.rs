@@ -292,6 +292,16 @@ impl VirtioPciDevice {
         self.kind
     }
 
+    /// The virtio device type (1 net, 2 block).
+    pub fn device_type(&self) -> u16 {
+        self.device.device_type()
+    }
+
+    /// What refused this device's ioeventfd registration, while it is in sync mode for that.
+    pub fn ioeventfd_refusal(&self) -> Option<&str> {
+        self.notifier.refusal()
+    }
+
     /// The device status as the driver reads it.
     pub fn device_status(&self) -> u8 {
         self.regs.status
@@ -365,9 +375,7 @@ impl VirtioPciDevice {
         self.notifier.vm_resumed(&HandlerSink(Some(&handler)));
         for (queue, mode) in self.notifier.modes().into_iter().enumerate() {
             match mode {
-                NotifyMode::Ioeventfd => {
-                    let _ = self.kicks[queue].write(1);
-                }
+                NotifyMode::Ioeventfd => self.counters[queue].replay_kick(&self.kicks[queue]),
                 NotifyMode::Sync(_) => handler.process_queue(queue),
                 NotifyMode::HostNotifier => {}
             }
@@ -709,12 +717,13 @@ impl Drop for VirtioPciDevice {
         for (index, report) in self.queue_reports().iter().enumerate() {
             let c = report.counters;
             log::info!(
-                "{} queue {index}: mode={} kicks_ioeventfd={} kicks_exit={} requests={} bytes={} \
-                 interrupts_sent={} interrupts_suppressed={}",
+                "{} queue {index}: mode={} kicks_ioeventfd={} kicks_exit={} kicks_replayed={} \
+                 requests={} bytes={} interrupts_sent={} interrupts_suppressed={}",
                 self.id,
                 report.mode,
                 c.kicks_ioeventfd,
                 c.kicks_exit,
+                c.kicks_replayed,
                 c.requests,
                 c.bytes,
                 c.interrupts_sent,
