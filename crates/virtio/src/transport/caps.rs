@@ -6,6 +6,9 @@ pub const CAP_COMMON_CFG: u8 = 1;
 pub const CAP_NOTIFY_CFG: u8 = 2;
 pub const CAP_ISR_CFG: u8 = 3;
 pub const CAP_DEVICE_CFG: u8 = 4;
+pub const CAP_PCI_CFG: u8 = 5;
+/// Offset of `pci_cfg_data` in `struct virtio_pci_cfg_cap`.
+pub const PCI_CFG_DATA: usize = 16;
 
 /// Each structure gets its own 4 KiB page of the modern BAR.
 pub const COMMON_CFG_OFFSET: u64 = 0x0000;
@@ -30,4 +33,17 @@ pub fn vendor_cap(cfg_type: u8, bar: u8, offset: u32, length: u32) -> Vec<u8> {
         cap.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
     }
     cap
+}
+
+/// `struct virtio_pci_cfg_cap`: a window into the BARs through configuration space. The driver
+/// writes bar, offset and length, then reads or writes `pci_cfg_data`. Returns the capability
+/// and its writable mask.
+pub fn pci_cfg_cap() -> (Vec<u8>, Vec<u8>) {
+    let mut cap = vendor_cap(CAP_PCI_CFG, 0, 0, 0);
+    cap[2] = 20;
+    cap.extend_from_slice(&[0; 4]);
+    let mut writable = vec![0u8; cap.len()];
+    writable[4] = 0xff;
+    writable[8..20].fill(0xff);
+    (cap, writable)
 }

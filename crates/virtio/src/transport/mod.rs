@@ -129,6 +129,8 @@ pub struct VirtioPciDevice {
     kind: TransportKind,
     config: PciConfiguration,
     msix_cap: usize,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability (modern interface only).
+    pci_cfg_cap: Option<usize>,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     regs: Registers,
@@ -223,6 +225,12 @@ impl VirtioPciDevice {
                 config.add_capability(&cap, None)?;
             }
         }
+        let pci_cfg_cap = if kind.has_modern() {
+            let (cap, writable) = pci_cfg_cap();
+            Some(config.add_capability(&cap, Some(&writable))?)
+        } else {
+            None
+        };
         let intx = match options.intx_gsi {
             Some(gsi) => {
                 config.set_interrupt(gsi as u8);
@@ -271,6 +279,7 @@ impl VirtioPciDevice {
             kind,
             config,
             msix_cap,
+            pci_cfg_cap,
             device,
             mem,
             regs,
@@ -570,6 +579,23 @@ impl VirtioPciDevice {
             .exit_kick(queue, &HandlerSink(self.handler.as_ref()));
     }
 
+    /// The BAR access the driver set up in the PCI_CFG capability: a BAR this function has,
+    /// 1, 2 or 4 bytes, naturally aligned.
+    fn pci_cfg_window(&self) -> Option<(usize, u64, usize)> {
+        let cap = self.pci_cfg_cap?;
+        let bar = usize::from(self.config.bytes(cap + 4, 1)[0]);
+        let field =
+            |at: usize| u32::from_le_bytes(self.config.bytes(cap + at, 4).try_into().unwrap());
+        let (offset, len) = (u64::from(field(8)), field(12) as usize);
+        let valid = matches!(len, 1 | 2 | 4)
+            && offset.is_multiple_of(len as u64)
+            && self
+                .config
+                .bar_size(bar)
+                .is_some_and(|size| offset + len as u64 <= size);
+        valid.then_some((bar, offset, len))
+    }
+
     fn msix_enabled(&self) -> bool {
         self.msix.lock().unwrap().enabled()
     }
@@ -653,10 +679,31 @@ impl PciDevice for VirtioPciDevice {
         &mut self.config
     }
 
+    fn read_config(&mut self, reg: usize) -> u32 {
+        if let Some(cap) = self.pci_cfg_cap {
+            if reg * 4 == cap + PCI_CFG_DATA {
+                let mut data = [0u8; 4];
+                if let Some((bar, offset, len)) = self.pci_cfg_window() {
+                    self.read_bar(bar, offset, &mut data[..len]);
+                }
+                return u32::from_le_bytes(data);
+            }
+        }
+        self.config.read_reg(reg)
+    }
+
     fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
         let moved = self.config.write(reg, offset, data);
         let start = reg * 4 + offset as usize;
         let end = start + data.len();
+        if let Some(cap) = self.pci_cfg_cap {
+            if start == cap + PCI_CFG_DATA {
+                if let Some((bar, bar_offset, len)) = self.pci_cfg_window() {
+                    let bytes = self.config.bytes(start, 4)[..len.min(data.len())].to_vec();
+                    self.write_bar(bar, bar_offset, &bytes);
+                }
+            }
+        }
         let msg_ctl = self.msix_cap + 2;
         if start < msg_ctl + 2 && end > msg_ctl {
             let bytes = self.config.bytes(msg_ctl, 2);

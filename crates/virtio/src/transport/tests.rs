@@ -227,13 +227,21 @@ fn modern_capabilities_point_into_the_modern_bar() {
         let bytes = config.bytes(cap, 4);
         if bytes[0] == VIRTIO_PCI_CAP_ID {
             types.push(bytes[3]);
-            assert_eq!(config.bytes(cap + 4, 1)[0], MODERN_BAR as u8);
+            if bytes[3] != CAP_PCI_CFG {
+                assert_eq!(config.bytes(cap + 4, 1)[0], MODERN_BAR as u8);
+            }
         }
         cap = bytes[1] as usize;
     }
     assert_eq!(
         types,
-        vec![CAP_COMMON_CFG, CAP_ISR_CFG, CAP_DEVICE_CFG, CAP_NOTIFY_CFG]
+        vec![
+            CAP_COMMON_CFG,
+            CAP_ISR_CFG,
+            CAP_DEVICE_CFG,
+            CAP_NOTIFY_CFG,
+            CAP_PCI_CFG
+        ]
     );
 }
 
@@ -502,4 +510,29 @@ fn refused_registration_keeps_the_device_working_in_sync_mode() {
     r.pci
         .write_bar(MODERN_BAR, NOTIFY_OFFSET, &0u16.to_le_bytes());
     assert_eq!(r.kicks(), vec![0]);
+}
+
+#[test]
+fn pci_cfg_capability_reaches_the_common_configuration() {
+    let mut r = rig(TransportKind::Modern, true);
+    let config = r.pci.config();
+    let mut cap = config.bytes(0x34, 1)[0] as usize;
+    while config.bytes(cap, 4)[0] != VIRTIO_PCI_CAP_ID || config.bytes(cap + 3, 1)[0] != CAP_PCI_CFG
+    {
+        cap = config.bytes(cap + 1, 1)[0] as usize;
+        assert_ne!(cap, 0, "no PCI_CFG capability");
+    }
+    let reg = cap / 4;
+    // Window: BAR 4, common cfg num_queues (offset 0x12), 2 bytes.
+    r.pci.write_config(reg + 1, 0, &[MODERN_BAR as u8, 0, 0, 0]);
+    r.pci.write_config(reg + 2, 0, &0x12u32.to_le_bytes());
+    r.pci.write_config(reg + 3, 0, &2u32.to_le_bytes());
+    assert_eq!(r.pci.read_config(reg + 4) & 0xffff, 2);
+    // Write queue_select = 1 through the window, read it back directly.
+    r.pci.write_config(reg + 2, 0, &0x16u32.to_le_bytes());
+    r.pci.write_config(reg + 4, 0, &1u32.to_le_bytes());
+    assert_eq!(r.common_read(0x16, 2), 1);
+    // A misaligned window does nothing.
+    r.pci.write_config(reg + 2, 0, &0x13u32.to_le_bytes());
+    assert_eq!(r.pci.read_config(reg + 4), 0);
 }
