@@ -361,3 +361,39 @@ fn qemu_blk_bench_and_kick_bench_report_figures() {
     assert!(ns > 0, "{output}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn qemu_blk_verify_modern_bar_above_4g_is_mapped() {
+    // A 2 GiB ivshmem BAR fills SeaBIOS's 32-bit window, so the virtio-blk 64-bit BAR is
+    // placed above 4 GiB, beyond the guest's boot-time identity map.
+    let dir = scratch_dir("qemu-high-bar");
+    let disk = Disk {
+        path: image(&dir, "d0.img", 4 << 20, 0),
+        readonly: false,
+    };
+    let mut args: Vec<String> = [
+        "-object",
+        "memory-backend-ram,id=shm,size=2G",
+        "-device",
+        "ivshmem-plain,memdev=shm",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(disk_args(&[disk], ",disable-legacy=on"));
+    let output = run_qemu(1, "256M", "workload=blk-verify seed=4242", &args);
+    let r = result(&output, "blk-verify");
+    assert_eq!(r["status"], "ok", "{output}");
+    let regs = output
+        .stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("regs=0x"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("no regs= on the DISK line:\n{output}"));
+    assert!(
+        regs >= 1 << 32,
+        "the BAR stayed below 4 GiB ({regs:#x}):\n{output}"
+    );
+    assert_image(&dir.join("d0.img"), 4242, 0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

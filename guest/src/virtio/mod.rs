@@ -205,6 +205,15 @@ impl Transport {
         })
     }
 
+    /// Where the registers are: the common config's address (modern) or the
+    /// I/O port base (legacy), for reports.
+    pub fn registers(&self) -> u64 {
+        match self.regs {
+            Regs::Modern { common, .. } => common,
+            Regs::Legacy { io } => io as u64,
+        }
+    }
+
     pub fn status(&self) -> u8 {
         match self.regs {
             Regs::Modern { common, .. } => mmio_read8(common + DEVICE_STATUS),

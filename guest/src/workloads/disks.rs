@@ -99,10 +99,11 @@ pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure>
             }
         })?;
         println!(
-            "DISK index={} pci={} transport={} sectors={} blk_size={} ro={} queues={} features={:#x} event_idx={} indirect={}",
+            "DISK index={} pci={} transport={} regs={:#x} sectors={} blk_size={} ro={} queues={} features={:#x} event_idx={} indirect={}",
             disks.count,
             f.addr,
             disk.transport.kind.name(),
+            disk.transport.registers(),
             disk.capacity,
             disk.blk_size,
             disk.read_only as u8,
