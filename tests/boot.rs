@@ -150,3 +150,85 @@ fn sigterm_stops_a_running_vm_cleanly() {
 fn sigint_stops_a_running_vm_cleanly() {
     stop_with_signal(libc::SIGINT);
 }
+
+/// 32-bit code: echo every byte received on COM1 back to COM1; after a `q`, reset.
+const SERIAL_ECHO_GUEST: &[u8] = &[
+    0x66, 0xba, 0xfd, 0x03, // 0:  mov dx, 0x3fd (line status)
+    0xec, //                   4:  in al, dx
+    0xa8, 0x01, //             5:  test al, 1 (data ready)
+    0x74, 0xfb, //             7:  jz 4
+    0x66, 0xba, 0xf8, 0x03, // 9:  mov dx, 0x3f8 (data)
+    0xec, //                   13: in al, dx
+    0xee, //                   14: out dx, al
+    0x3c, b'q', //             15: cmp al, 'q'
+    0x75, 0xed, //             17: jne 0
+    0xb0, 0xfe, //             19: mov al, 0xfe
+    0xe6, 0x64, //             21: out 0x64, al (i8042 reset)
+    0xf4, //                   23: hlt
+    0xeb, 0xfd, //             24: jmp 23
+];
+
+/// Opens a pseudo-terminal pair: (master, slave).
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc pty calls; every returned descriptor is checked and then owned by a
+    // File.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(master >= 0, "posix_openpt failed");
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let name = libc::ptsname(master);
+        assert!(!name.is_null(), "ptsname failed");
+        let slave = libc::open(name, libc::O_RDWR | libc::O_NOCTTY);
+        assert!(slave >= 0, "opening the pty slave failed");
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+fn local_flags(terminal: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data, filled by tcgetattr on a valid descriptor.
+    unsafe {
+        let mut termios: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(terminal.as_raw_fd(), &mut termios), 0);
+        termios.c_lflag
+    }
+}
+
+#[test]
+fn keystrokes_on_a_terminal_reach_the_guest_and_the_terminal_is_restored() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    common::require_kvm();
+    let dir = common::scratch_dir("serial-echo");
+    let kernel = dir.join("echo.elf");
+    common::write_pvh_elf(&kernel, SERIAL_ECHO_GUEST);
+    let (mut master, slave) = open_pty();
+    let cooked = local_flags(&slave);
+    assert_ne!(cooked & libc::ICANON, 0, "a new pty starts in canonical mode");
+
+    let child = Command::new(common::kickvm_binary())
+        .args(["run", "--kernel", kernel.to_str().unwrap()])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kickvm");
+    // Raw mode delivers each byte at once; in canonical mode nothing would arrive before a
+    // newline, and the guest would never see the `q`.
+    std::thread::sleep(Duration::from_millis(300));
+    master.write_all(b"hi q").unwrap();
+    let output = common::wait_with_timeout(child, Duration::from_secs(20));
+    output.assert_exit_code(0);
+    assert_eq!(output.stdout, "hi q", "guest echo:\n{output}");
+    assert_eq!(
+        local_flags(&slave),
+        cooked,
+        "terminal settings not restored"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -308,7 +308,7 @@ impl Vcpu {
                 Ok(false)
             }
             Ok(VcpuExit::InternalError) => {
-                if self.deliver_unemulated_breakpoint() {
+                if self.complete_unemulated_instruction() {
                     return Ok(true);
                 }
                 let detail = internal_error_detail(&mut self.fd);
@@ -352,44 +352,64 @@ impl Vcpu {
 }
 
 impl Vcpu {
-    /// An `int3` that KVM's instruction emulator could not emulate (PVM emulates guest CPL0
-    /// code and rejects it; Linux executes one at boot to test its breakpoint handler) is
-    /// carried out here as the CPU would: RIP moves past the instruction and #BP is injected.
-    /// Returns false, changing nothing, for any other failure.
-    fn deliver_unemulated_breakpoint(&mut self) -> bool {
+    /// Carries out, as the CPU would, the few one-byte instructions that KVM's emulator
+    /// rejects but whose effect is simple (PVM emulates guest CPL0 code; Linux executes these
+    /// at boot): `int3` moves RIP past itself and raises #BP (Linux tests its breakpoint
+    /// handler, and patches live code through int3); `fwait` raises #MF when an unmasked x87
+    /// exception is pending, else does nothing. Returns false, changing nothing, for any
+    /// other failure.
+    fn complete_unemulated_instruction(&mut self) -> bool {
         const INT3: u8 = 0xcc;
+        const FWAIT: u8 = 0x9b;
         const BP_VECTOR: u8 = 3;
+        const MF_VECTOR: u8 = 16;
+        const X87_EXCEPTION_BITS: u16 = 0x3f;
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR; `emulation_failure` overlays
         // `internal` and is what KVM fills in for the emulation suberror.
         let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
-        // SAFETY: plain bytes; valid whenever the INSTRUCTION_BYTES flag is set (checked).
+        // SAFETY: plain bytes; meaningful when the INSTRUCTION_BYTES flag is set (checked).
         let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
         let has_bytes = failure.flags
             & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
             != 0;
-        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION
-            || !has_bytes
-            || insn.insn_size == 0
-            || insn.insn_bytes[0] != INT3
-        {
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION || !has_bytes || insn.insn_size == 0 {
             return false;
         }
-        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
+        let (advance, exception) = match insn.insn_bytes[0] {
+            INT3 => (1, Some(BP_VECTOR)),
+            FWAIT => match self.fd.get_fpu() {
+                Ok(fpu) if fpu.fsw & !fpu.fcw & X87_EXCEPTION_BITS != 0 => (0, Some(MF_VECTOR)),
+                Ok(_) => (1, None),
+                Err(_) => return false,
+            },
+            _ => return false,
+        };
+        let Ok(mut regs) = self.fd.get_regs() else {
             return false;
         };
-        regs.rip += 1;
-        events.exception.injected = 1;
-        events.exception.nr = BP_VECTOR;
-        events.exception.has_error_code = 0;
-        events.exception.error_code = 0;
-        if self.fd.set_regs(&regs).is_err() || self.fd.set_vcpu_events(&events).is_err() {
+        regs.rip += advance;
+        if self.fd.set_regs(&regs).is_err() {
             return false;
         }
+        if let Some(vector) = exception {
+            let Ok(mut events) = self.fd.get_vcpu_events() else {
+                return false;
+            };
+            events.exception.injected = 1;
+            events.exception.nr = vector;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            if self.fd.set_vcpu_events(&events).is_err() {
+                return false;
+            }
+        }
         log::debug!(
-            "vCPU {}: delivered #BP for an int3 at {:#x}",
+            "vCPU {}: completed unemulated instruction {:#04x} at {:#x} (exception {:?})",
             self.index,
-            regs.rip - 1
+            insn.insn_bytes[0],
+            regs.rip - advance,
+            exception
         );
         true
     }

@@ -184,11 +184,19 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 /// Writes a minimal PVH ELF whose entry disables interrupts and halts forever: a guest that
 /// never ends by itself, for tests that stop the VM from outside.
 pub fn write_halting_pvh_elf(path: &Path) {
+    write_pvh_elf(path, &[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp hlt
+}
+
+/// Writes a minimal PVH ELF that runs `code` (32-bit protected mode, no stack) at its entry.
+pub fn write_pvh_elf(path: &Path, code: &[u8]) {
     const LOAD_ADDR: u64 = 0x10_0000;
     const EHDR_LEN: usize = 64;
     const PHDR_LEN: usize = 56;
     let code_offset = EHDR_LEN + 2 * PHDR_LEN;
-    let code: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd]; // cli; hlt; jmp hlt
+    // Notes must start 4-aligned; the padding (nop) follows the code and is never reached.
+    let mut code = code.to_vec();
+    code.resize(code.len().next_multiple_of(4), 0x90);
+    let code = code.as_slice();
     let note_offset = code_offset + code.len();
     let entry = LOAD_ADDR + code_offset as u64;
     let mut note = Vec::new();
@@ -226,7 +234,7 @@ pub fn write_halting_pvh_elf(path: &Path) {
     };
     phdr(1, 0, file_len, LOAD_ADDR); // PT_LOAD of the whole file
     phdr(4, note_offset, note.len(), LOAD_ADDR + note_offset as u64); // PT_NOTE
-    elf.extend_from_slice(&code);
+    elf.extend_from_slice(code);
     elf.extend_from_slice(&note);
     std::fs::write(path, elf).expect("writing the halting guest");
 }
