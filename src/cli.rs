@@ -37,6 +37,62 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel and run the VM until the guest resets, powers off or crashes.
     Run(RunArgs),
+    /// Control a running VM through its --api-socket.
+    Remote(RemoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// The VM's control socket (`kickvm run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: RemoteCommandArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RemoteCommandArgs {
+    /// Run state, vCPUs, memory, devices and each queue's notify mode and why (JSON).
+    Info,
+    /// Stop the vCPUs and quiesce the devices; returns once the VM is quiescent.
+    Pause,
+    /// Undo pause.
+    Resume,
+    /// Pause (requests in flight complete), then end the VM.
+    Shutdown,
+    /// End the VM at once.
+    Kill,
+    /// Switch a device's ioeventfd on or off at run time.
+    Ioeventfd {
+        /// Device id (`disk0`, `net0`, or the `id=` given to --disk/--net).
+        device: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Counters as tables: per-vCPU exits by reason, per-queue kicks, requests, interrupts.
+    Stats,
+    /// Counters as JSON.
+    Counters,
+}
+
+impl From<RemoteCommandArgs> for crate::remote::RemoteCommand {
+    fn from(args: RemoteCommandArgs) -> Self {
+        use crate::remote::RemoteCommand as R;
+        match args {
+            RemoteCommandArgs::Info => R::Info,
+            RemoteCommandArgs::Pause => R::Pause,
+            RemoteCommandArgs::Resume => R::Resume,
+            RemoteCommandArgs::Shutdown => R::Shutdown,
+            RemoteCommandArgs::Kill => R::Kill,
+            RemoteCommandArgs::Ioeventfd { device, state } => R::Ioeventfd {
+                device,
+                on: state == "on",
+            },
+            RemoteCommandArgs::Stats => R::Stats,
+            RemoteCommandArgs::Counters => R::Counters,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +148,12 @@ pub struct RunArgs {
     /// devices that hit the cap run their queues in sync mode.
     #[arg(long, value_name = "N")]
     pub max_ioeventfds: Option<usize>,
+
+    /// Serve the control API (HTTP/1.1, JSON) on this unix socket, created owner-only and
+    /// removed at exit: `kickvm remote --api-socket PATH ...`, or
+    /// `curl --unix-socket PATH http://localhost/api/v1/vm.info`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Everything needed to build a VM; the CLI is one way to make it.
@@ -107,6 +169,7 @@ pub struct VmConfig {
     pub disks: Vec<kickvm_virtio::BlkConfig>,
     pub nets: Vec<kickvm_virtio::NetConfig>,
     pub max_ioeventfds: Option<usize>,
+    pub api_socket: Option<PathBuf>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -122,6 +185,7 @@ impl From<RunArgs> for VmConfig {
             disks: args.disk,
             nets: args.net,
             max_ioeventfds: args.max_ioeventfds,
+            api_socket: args.api_socket,
         }
     }
 }

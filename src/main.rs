@@ -2,9 +2,12 @@
 //! exit status (0 guest reset/poweroff, 1 run-time failure, 2 usage/config error, 3 guest
 //! crash, 128+N stopped by signal N).
 
+use std::io::Write;
+
 use clap::error::ErrorKind;
 use clap::Parser;
 
+use kickvm::api::ApiServer;
 use kickvm::cli::{Cli, Command, VmConfig};
 use kickvm::vmm::exit::VmExitReason;
 use kickvm::vmm::Vm;
@@ -26,6 +29,23 @@ fn real_main() -> i32 {
     };
     match cli.command {
         Command::Run(args) => run(VmConfig::from(args)),
+        Command::Remote(args) => remote(&args.api_socket, args.command.into()),
+    }
+}
+
+fn remote(socket: &std::path::Path, command: kickvm::remote::RemoteCommand) -> i32 {
+    match kickvm::remote::run(socket, &command) {
+        Ok(output) => {
+            if !output.is_empty() {
+                // A closed stdout (`| head`) is the reader's choice, not an error.
+                let _ = writeln!(std::io::stdout(), "{}", output.trim_end());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("kickvm: {e}");
+            EXIT_RUNTIME_FAILURE
+        }
     }
 }
 
@@ -55,7 +75,21 @@ fn report_usage_error(e: clap::Error) -> i32 {
 }
 
 fn run(config: VmConfig) -> i32 {
-    let vm = match Vm::new(&config) {
+    // Bound first: no other thread exists yet (the socket is created under a umask), and a
+    // bad path is a usage error before anything is built.
+    let api = match config
+        .api_socket
+        .as_deref()
+        .map(ApiServer::bind)
+        .transpose()
+    {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("kickvm: error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let mut vm = match Vm::new(&config) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("kickvm: error: {e}");
@@ -66,6 +100,9 @@ fn run(config: VmConfig) -> i32 {
             };
         }
     };
+    if let Some(api) = api {
+        vm.attach_api(api);
+    }
     match vm.run() {
         Ok(reason) => {
             match &reason {
@@ -84,6 +121,8 @@ fn run(config: VmConfig) -> i32 {
                 VmExitReason::Signal(signal) => {
                     eprintln!("kickvm: stopped by signal {signal}")
                 }
+                VmExitReason::ApiShutdown => log::info!("vm.shutdown: VM ended"),
+                VmExitReason::ApiKill => log::info!("vm.kill: VM ended"),
             }
             reason.exit_code()
         }

@@ -26,13 +26,20 @@ pub enum VmExitReason {
     },
     /// The VMM received a termination signal.
     Signal(i32),
+    /// `vm.shutdown` on the control API: the VM was paused (I/O quiescent), then ended.
+    ApiShutdown,
+    /// `vm.kill` on the control API: the VM was ended at once.
+    ApiKill,
 }
 
 impl VmExitReason {
     /// The process exit status for this ending (see `kickvm --help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExitReason::Reset | VmExitReason::PowerOff => 0,
+            VmExitReason::Reset
+            | VmExitReason::PowerOff
+            | VmExitReason::ApiShutdown
+            | VmExitReason::ApiKill => 0,
             VmExitReason::Failed { .. } => 1,
             VmExitReason::Crashed { .. } => 3,
             VmExitReason::Signal(signal) => 128 + signal,

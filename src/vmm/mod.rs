@@ -112,6 +112,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     /// PCI root, GSI routing and the virtio devices; their I/O threads live as long as this.
     pci: kickvm_virtio::PciDevices,
+    /// The control API (`--api-socket`), served while the VM runs; its socket goes with it.
+    api: Option<crate::api::ApiServer>,
     // Kept open for the VM's lifetime: the VmFd does not hold a reference to it.
     _kvm: Kvm,
 }
@@ -143,9 +145,11 @@ impl Vm {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        log::debug!("VM created with in-kernel irqchip and PIT");
 
         let memory = memory::create_guest_memory(config.memory_bytes)?;
         memory::register_with_kvm(&vm_fd, &memory)?;
+        log::debug!("guest memory registered");
 
         let exit = Arc::new(ExitNotifier::new().map_err(host_err("creating the exit eventfd"))?);
         let pio_bus = Arc::new(Bus::new());
@@ -218,6 +222,7 @@ impl Vm {
             },
         )?;
         cpu::write_boot_tables(&memory, &entry)?;
+        log::debug!("kernel loaded, boot tables written");
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -246,6 +251,7 @@ impl Vm {
             serial_to_stdout,
             vcpus,
             pci,
+            api: None,
             _kvm: kvm,
         })
     }
@@ -269,6 +275,11 @@ impl Vm {
     /// The PCI devices (`--disk`), by id, for reports and run-time control.
     pub fn pci(&self) -> &kickvm_virtio::PciDevices {
         &self.pci
+    }
+
+    /// Serve `api`'s requests from the main loop while the VM runs.
+    pub fn attach_api(&mut self, api: crate::api::ApiServer) {
+        self.api = Some(api);
     }
 
     /// Devices that can end the VM (reset, power-off) report through this.
@@ -322,6 +333,7 @@ impl Vm {
         const EXIT: u64 = 0;
         const SIGNAL: u64 = 1;
         const STDIN: u64 = 2;
+        const API: u64 = 3;
         let epoll = Epoll::new().map_err(host_err("epoll_create"))?;
         let add = |fd: i32, token: u64| {
             epoll
@@ -338,6 +350,10 @@ impl Vm {
         if forward_stdin {
             add(libc::STDIN_FILENO, STDIN)?;
         }
+        if let Some(api) = &self.api {
+            add(api.wake_fd(), API)?;
+        }
+        let mut run_control = crate::api::RunControl::new();
 
         let mut events = [EpollEvent::default(); 4];
         loop {
@@ -361,9 +377,26 @@ impl Vm {
                         }
                     },
                     STDIN => self.forward_input(&epoll)?,
+                    API => self.serve_api(&mut run_control, handles),
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Carries out the control API's waiting requests (pause and resume block this thread
+    /// until the VM is quiescent / running again).
+    fn serve_api(&self, run_control: &mut crate::api::RunControl, handles: &[VcpuHandle]) {
+        let Some(api) = &self.api else { return };
+        let view = crate::api::VmView {
+            vcpus: handles,
+            pci: &self.pci,
+            exit: &self.exit,
+            memory: &self.memory,
+        };
+        for request in api.take_requests() {
+            let response = run_control.execute(&request.action, &view);
+            request.respond(response);
         }
     }
 

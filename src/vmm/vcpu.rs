@@ -67,6 +67,73 @@ impl VcpuRunState {
     }
 }
 
+/// Why KVM_RUN returned, for the per-vCPU exit counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    /// Kicked out (signal / immediate_exit): pause, stop, register dump.
+    Interrupted,
+    Hlt,
+    Shutdown,
+    SystemEvent,
+    InternalError,
+    FailEntry,
+    Other,
+}
+
+impl ExitKind {
+    pub const ALL: [ExitKind; 11] = [
+        ExitKind::IoIn,
+        ExitKind::IoOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Interrupted,
+        ExitKind::Hlt,
+        ExitKind::Shutdown,
+        ExitKind::SystemEvent,
+        ExitKind::InternalError,
+        ExitKind::FailEntry,
+        ExitKind::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::IoIn => "io_in",
+            ExitKind::IoOut => "io_out",
+            ExitKind::MmioRead => "mmio_read",
+            ExitKind::MmioWrite => "mmio_write",
+            ExitKind::Interrupted => "interrupted",
+            ExitKind::Hlt => "hlt",
+            ExitKind::Shutdown => "shutdown",
+            ExitKind::SystemEvent => "system_event",
+            ExitKind::InternalError => "internal_error",
+            ExitKind::FailEntry => "fail_entry",
+            ExitKind::Other => "other",
+        }
+    }
+
+    fn of(exit: &Result<VcpuExit, kvm_ioctls::Error>) -> Self {
+        match exit {
+            Ok(VcpuExit::IoIn(..)) => ExitKind::IoIn,
+            Ok(VcpuExit::IoOut(..)) => ExitKind::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => ExitKind::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => ExitKind::MmioWrite,
+            Ok(VcpuExit::Hlt) => ExitKind::Hlt,
+            Ok(VcpuExit::Shutdown) => ExitKind::Shutdown,
+            Ok(VcpuExit::SystemEvent(..)) => ExitKind::SystemEvent,
+            Ok(VcpuExit::InternalError) => ExitKind::InternalError,
+            Ok(VcpuExit::FailEntry(..)) => ExitKind::FailEntry,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ExitKind::Interrupted
+            }
+            _ => ExitKind::Other,
+        }
+    }
+}
+
 /// Exit counts of one vCPU, readable from any thread.
 #[derive(Debug, Default)]
 pub struct VcpuStats {
@@ -74,6 +141,14 @@ pub struct VcpuStats {
     pub mmio_exits: AtomicU64,
     pub unclaimed_accesses: AtomicU64,
     pub interrupted_runs: AtomicU64,
+    /// Every KVM_RUN return by [`ExitKind`] (indexed by its discriminant): one relaxed add.
+    exits: [AtomicU64; ExitKind::ALL.len()],
+}
+
+impl VcpuStats {
+    pub fn exits(&self, kind: ExitKind) -> u64 {
+        self.exits[kind as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// State shared between a vCPU thread and whoever controls it.
@@ -252,7 +327,9 @@ impl Vcpu {
     fn run_once(&mut self, shared: &VcpuShared) -> Result<bool, VmExitReason> {
         let index = self.index;
         let stats = &shared.stats;
-        match self.fd.run() {
+        let exit = self.fd.run();
+        stats.exits[ExitKind::of(&exit) as usize].fetch_add(1, Ordering::Relaxed);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 stats.pio_exits.fetch_add(1, Ordering::Relaxed);
                 if !self.pio_bus.read(u64::from(port), data) {
