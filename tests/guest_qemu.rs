@@ -3,6 +3,7 @@
 //! its virtio-blk driver passes blk-verify on QEMU's virtio-blk-pci in every mode, leaving
 //! exactly the documented pattern in the image files. Needs /dev/kvm and qemu-system-x86_64.
 
+mod blk_pattern;
 mod common;
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use blk_pattern::{assert_image, written_sectors, SECTOR};
 use common::{require_kvm, scratch_dir, test_guest, wait_with_timeout, RunOutput};
 
 /// QEMU's firmware runs emulated at CPL0 under PVM: seconds before the guest starts.
@@ -96,82 +98,7 @@ fn qemu_unknown_workload_fails_cleanly() {
     assert!(output.stdout.contains("DONE status=fail"), "{output}");
 }
 
-// ---- blk-verify: the documented pattern, recomputed here ----
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-const SECTOR: usize = 512;
-const EXTENT_SECTORS: u64 = 128;
-
-/// Sector `sector` of disk `disk` for `seed`, as guest/README.md defines it.
-fn pattern_sector(seed: u64, disk: u64, sector: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(GOLDEN) ^ (disk << 56) ^ sector;
-    let mut words = Vec::with_capacity(64);
-    let mut checksum = 0u64;
-    for _ in 0..63 {
-        state = state.wrapping_add(GOLDEN);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        words.push(z);
-        checksum ^= z;
-    }
-    words.push(checksum);
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
-}
-
-/// Sectors blk-verify writes on a disk of `sectors` sectors.
-fn written_sectors(sectors: u64) -> Vec<u64> {
-    let extents = sectors.div_ceil(EXTENT_SECTORS);
-    let stride = if extents <= 1024 {
-        1
-    } else {
-        extents.div_ceil(1024)
-    };
-    (0..extents)
-        .filter(|e| e % stride == 0 || *e == extents - 1)
-        .flat_map(|e| e * EXTENT_SECTORS..((e + 1) * EXTENT_SECTORS).min(sectors))
-        .collect()
-}
-
-/// Checks the image holds the pattern where blk-verify writes and `untouched` elsewhere.
-fn assert_image(path: &Path, seed: u64, disk: u64, untouched: u8) {
-    let data = std::fs::read(path).expect("reading the disk image");
-    let sectors = (data.len() / SECTOR) as u64;
-    let written = written_sectors(sectors);
-    let mut bad = 0;
-    for &s in &written {
-        let at = s as usize * SECTOR;
-        if data[at..at + SECTOR] != pattern_sector(seed, disk, s)[..] {
-            bad += 1;
-        }
-    }
-    assert_eq!(
-        bad,
-        0,
-        "{}: {bad} of {} written sectors differ from the pattern",
-        path.display(),
-        written.len()
-    );
-    let mut is_written = vec![false; sectors as usize];
-    for &s in &written {
-        is_written[s as usize] = true;
-    }
-    let stray = (0..sectors as usize)
-        .filter(|&s| !is_written[s])
-        .filter(|&s| {
-            data[s * SECTOR..(s + 1) * SECTOR]
-                .iter()
-                .any(|&b| b != untouched)
-        })
-        .count();
-    assert_eq!(
-        stray,
-        0,
-        "{}: {stray} sectors outside the pattern were changed",
-        path.display()
-    );
-}
+// ---- blk-verify (the pattern lives in tests/blk_pattern) ----
 
 struct Disk {
     path: PathBuf,
