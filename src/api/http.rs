@@ -73,13 +73,14 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
-        if let Some(end) = find_head_end(&buf) {
-            break end;
-        }
-        if buf.len() > MAX_HEAD_BYTES {
+        let found = find_head_end(&buf);
+        if found.unwrap_or(buf.len()) > MAX_HEAD_BYTES {
             return Err(HttpError::TooLarge(format!(
                 "request line and headers exceed {MAX_HEAD_BYTES} bytes"
             )));
+        }
+        if let Some(end) = found {
+            break end;
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
