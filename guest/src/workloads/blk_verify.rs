@@ -19,12 +19,18 @@
 //! holding the pattern for `seed + loops - 1` in those sectors, and the
 //! rest of the disk is untouched. The DISCARD / WRITE_ZEROES checks work
 //! on sectors of extent 0 and rewrite the pattern there afterwards.
+//!
+//! `max_lat_us` in the RESULT line: the slowest read or write of the pattern
+//! passes, from submission to completion (time the VM spent paused included).
 
 use super::disks::{self, Failure};
 use crate::blk::{self, Disk, Request, SECTOR, S_IOERR, S_OK};
 use crate::boot::MAX_CPUS;
-use crate::{dma, println, smp, Boot};
+use crate::{dma, println, smp, tsc, x86, Boot};
 use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The slowest request of the run, submit to completion, in TSC ticks (`max_lat_us`).
+static MAX_LATENCY_TICKS: AtomicU64 = AtomicU64::new(0);
 
 const EXTENT_SECTORS: u64 = 128;
 const EXTENT_BYTES: u32 = (EXTENT_SECTORS * SECTOR) as u32;
@@ -150,7 +156,10 @@ impl Job<'_> {
                 buf: buf + (sector - start) * SECTOR,
                 len: (sectors * SECTOR) as u32,
             };
-            match queue.run(&req) {
+            let started = x86::rdtsc();
+            let result = queue.run(&req);
+            MAX_LATENCY_TICKS.fetch_max(x86::rdtsc().wrapping_sub(started), Ordering::Relaxed);
+            match result {
                 Ok(S_OK) => {}
                 Ok(status) => {
                     self.error(
@@ -517,7 +526,7 @@ pub fn run(boot: &Boot) -> bool {
     let interrupts: u64 = all.iter().map(|d| d.interrupts_waited()).sum();
     let ok = totals.errors == 0 && totals.ro_refused == totals.ro_disks;
     println!(
-        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} transport={} completion={}",
+        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={}",
         NAME,
         if ok { "ok" } else { "fail" },
         totals.disks,
@@ -531,6 +540,7 @@ pub fn run(boot: &Boot) -> bool {
         threads,
         kicks,
         interrupts,
+        tsc::ticks_to_ns(MAX_LATENCY_TICKS.load(Ordering::Relaxed)) / 1000,
         opts.kind.name(),
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
     );
