@@ -347,7 +347,7 @@ impl BlkQueue {
 
     /// Harvests used entries on a queue threads share: marks each slot done
     /// with its status; its owner frees it (`run`).
-    fn reap_shared(&self) -> usize {
+    pub fn reap_shared(&self) -> usize {
         self.harvest(false, &mut |_, _| {})
     }
 
@@ -382,6 +382,21 @@ impl BlkQueue {
         count
     }
 
+    /// Whether the device finished `slot` (harvested by any thread).
+    pub fn is_done(&self, slot: u16) -> bool {
+        self.slots[slot as usize].state.load(Ordering::Acquire) == SLOT_DONE
+    }
+
+    /// The status of `slot` if it is done, freeing it; for shared queues.
+    pub fn take_if_done(&self, slot: u16) -> Option<u8> {
+        if !self.is_done(slot) {
+            return None;
+        }
+        let status = self.slots[slot as usize].status.load(Ordering::Relaxed);
+        self.release(slot);
+        Some(status)
+    }
+
     fn release(&self, slot: u16) {
         let mut ring = self.ring.lock();
         self.slots[slot as usize]
@@ -400,7 +415,7 @@ impl BlkQueue {
         self.wait_until(&|| false)
     }
 
-    fn wait_until(&self, done: &dyn Fn() -> bool) -> bool {
+    pub fn wait_until(&self, done: &dyn Fn() -> bool) -> bool {
         match (self.completion, self.vector) {
             (Completion::Irq, Some(vector)) => {
                 let counter = &INTERRUPT_COUNTS[vector as usize];

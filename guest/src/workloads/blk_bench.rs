@@ -1,7 +1,7 @@
 //! `workload=blk-bench rw=randread|randwrite|read|write bs=N qd=N secs=N`:
 //! I/O on the first virtio-blk disk from one thread per vCPU, each with its
-//! own queue (threads beyond the device's queue count sit out), `qd`
-//! requests in flight per thread.
+//! own queue when the device has enough (multiqueue), else sharing them;
+//! `qd` requests in flight per thread.
 
 use super::disks::{self, Failure};
 use crate::blk::{self, Disk, Request, SubmitError, SECTOR, S_OK};
@@ -88,6 +88,52 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
+/// One thread's requests in flight and what it has measured.
+struct Flight<'a> {
+    started: [u64; MAX_DEPTH],
+    buffer_of_slot: [usize; MAX_DEPTH],
+    free_buffers: [usize; MAX_DEPTH],
+    free_count: usize,
+    /// Slots in flight, tracked only on a queue shared with other threads.
+    own: [u16; MAX_DEPTH],
+    own_count: usize,
+    histogram: &'a mut [u32],
+    ops: u64,
+    errors: u64,
+}
+
+impl Flight<'_> {
+    fn complete(&mut self, slot: u16, status: u8) {
+        let us = tsc::ticks_to_ns(x86::rdtsc() - self.started[slot as usize]) / 1000;
+        self.histogram[bucket(us)] += 1;
+        self.free_buffers[self.free_count] = self.buffer_of_slot[slot as usize];
+        self.free_count += 1;
+        self.ops += 1;
+        if status != S_OK {
+            self.errors += 1;
+        }
+    }
+
+    /// Completes this thread's slots that any thread harvested.
+    fn collect_shared(&mut self, queue: &blk::BlkQueue) -> usize {
+        queue.reap_shared();
+        let mut done = 0;
+        let mut i = 0;
+        while i < self.own_count {
+            let slot = self.own[i];
+            if let Some(status) = queue.take_if_done(slot) {
+                self.complete(slot, status);
+                self.own_count -= 1;
+                self.own[i] = self.own[self.own_count];
+                done += 1;
+            } else {
+                i += 1;
+            }
+        }
+        done
+    }
+}
+
 fn thread(cpu: usize, arg: usize) {
     // SAFETY: `arg` is the `Job` that `run_on_all` keeps alive until every
     // thread returned.
@@ -96,10 +142,8 @@ fn thread(cpu: usize, arg: usize) {
         return;
     }
     let stats = &job.stats[cpu];
-    // SAFETY: each thread has its own BUCKETS-entry histogram.
-    let histogram =
-        unsafe { core::slice::from_raw_parts_mut(stats.histogram as *mut u32, BUCKETS) };
     let queue = job.disk.queue(cpu);
+    let shared = job.threads > job.disk.queue_count;
     let blocks = job.disk.capacity * SECTOR / job.block_bytes;
     let (region_start, region_len) = if job.pattern.random() {
         (0, blocks)
@@ -114,22 +158,29 @@ fn thread(cpu: usize, arg: usize) {
     } else {
         blk::T_IN
     };
-    let mut started = [0u64; MAX_DEPTH];
-    let mut buffer_of_slot = [0usize; MAX_DEPTH];
-    let mut free_buffers = [0usize; MAX_DEPTH];
-    for (i, b) in free_buffers.iter_mut().enumerate().take(job.depth) {
+    let mut flight = Flight {
+        started: [0; MAX_DEPTH],
+        buffer_of_slot: [0; MAX_DEPTH],
+        free_buffers: [0; MAX_DEPTH],
+        free_count: job.depth,
+        own: [0; MAX_DEPTH],
+        own_count: 0,
+        // SAFETY: each thread has its own BUCKETS-entry histogram.
+        histogram: unsafe { core::slice::from_raw_parts_mut(stats.histogram as *mut u32, BUCKETS) },
+        ops: 0,
+        errors: 0,
+    };
+    for (i, b) in flight.free_buffers.iter_mut().enumerate().take(job.depth) {
         *b = i;
     }
-    let mut free_count = job.depth;
-    let (mut ops, mut errors, mut lost) = (0u64, 0u64, 0u64);
+    let mut lost = 0u64;
     while x86::rdtsc() < job.start_tsc {
         x86::pause();
     }
     loop {
-        let now = x86::rdtsc();
-        let submitting = now < job.deadline_tsc;
+        let submitting = x86::rdtsc() < job.deadline_tsc;
         let mut submitted = false;
-        while submitting && free_count > 0 {
+        while submitting && flight.free_count > 0 {
             let block = if job.pattern.random() {
                 region_start + xorshift(&mut rng) % region_len
             } else {
@@ -137,7 +188,7 @@ fn thread(cpu: usize, arg: usize) {
                 cursor = (cursor + 1) % region_len;
                 b
             };
-            let buffer = free_buffers[free_count - 1];
+            let buffer = flight.free_buffers[flight.free_count - 1];
             let req = Request {
                 kind,
                 sector: block * job.block_bytes / SECTOR,
@@ -146,14 +197,18 @@ fn thread(cpu: usize, arg: usize) {
             };
             match queue.submit(&req) {
                 Ok(slot) => {
-                    free_count -= 1;
-                    started[slot as usize] = x86::rdtsc();
-                    buffer_of_slot[slot as usize] = buffer;
+                    flight.free_count -= 1;
+                    flight.started[slot as usize] = x86::rdtsc();
+                    flight.buffer_of_slot[slot as usize] = buffer;
+                    if shared {
+                        flight.own[flight.own_count] = slot;
+                        flight.own_count += 1;
+                    }
                     submitted = true;
                 }
                 Err(SubmitError::Full) => break,
                 Err(SubmitError::TooLarge) => {
-                    errors += 1;
+                    flight.errors += 1;
                     break;
                 }
             }
@@ -161,30 +216,32 @@ fn thread(cpu: usize, arg: usize) {
         if submitted {
             queue.publish();
         }
-        if free_count == job.depth {
+        if flight.free_count == job.depth {
             if !submitting {
                 break;
             }
             continue;
         }
-        let reaped = queue.reap(|slot, status| {
-            let done = x86::rdtsc();
-            let us = tsc::ticks_to_ns(done - started[slot as usize]) / 1000;
-            histogram[bucket(us)] += 1;
-            free_buffers[free_count] = buffer_of_slot[slot as usize];
-            free_count += 1;
-            ops += 1;
-            if status != S_OK {
-                errors += 1;
+        let completed = if shared {
+            flight.collect_shared(queue)
+        } else {
+            queue.reap(|slot, status| flight.complete(slot, status))
+        };
+        if completed == 0 {
+            let waited = if shared {
+                let own = &flight.own[..flight.own_count];
+                queue.wait_until(&|| own.iter().any(|&slot| queue.is_done(slot)))
+            } else {
+                queue.wait()
+            };
+            if !waited {
+                lost += 1;
+                break;
             }
-        });
-        if reaped == 0 && !queue.wait() {
-            lost += 1;
-            break;
         }
     }
-    stats.ops.store(ops, Ordering::Relaxed);
-    stats.errors.store(errors, Ordering::Relaxed);
+    stats.ops.store(flight.ops, Ordering::Relaxed);
+    stats.errors.store(flight.errors, Ordering::Relaxed);
     stats.lost_interrupts.store(lost, Ordering::Relaxed);
     stats.elapsed_ns.store(
         tsc::ticks_to_ns(x86::rdtsc() - job.start_tsc),
@@ -259,8 +316,11 @@ pub fn run(boot: &Boot) -> bool {
             },
         );
     }
-    let threads = smp::online().min(disk.queue_count);
-    let depth = qd.min(disk.queue(0).capacity() as usize);
+    // Threads beyond the device's queues share them; each gets its share
+    // of a queue's entries.
+    let threads = smp::online();
+    let sharers = threads.div_ceil(disk.queue_count);
+    let depth = qd.min(disk.queue(0).capacity() as usize / sharers).max(1);
     let mut job = Job {
         disk,
         pattern,
