@@ -71,6 +71,17 @@ impl Netns {
         ]);
         ip(&["netns", "exec", &ns.name, "ip", "link", "set", TAP, "up"]);
         ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
+        // No IPv6 neighbour discovery chatter on the tap: it would blur the frame counts.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            let _ = ns.command("sysctl").args(["-qw", key]).status();
+        }
+        let _ = ns
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{TAP}.disable_ipv6=1")])
+            .status();
         ns
     }
 
@@ -399,6 +410,9 @@ fn rx_counts_match(mode: &Mode) {
         1,
     );
     vm.wait_net_up();
+    // Resolve the guest's MAC first: datagrams sent while ARP is pending are dropped by the
+    // host's neighbour queue, before the tap could count them.
+    assert_eq!(num(&ns.peer(&["ping", GUEST_IP, "1"], Duration::from_secs(10)), "ok"), 1);
     let dropped_before = ns.tap_tx_dropped();
     let source = ns.peer(
         &["source", &format!("{GUEST_IP}:9001"), "200", "2"],
@@ -414,9 +428,10 @@ fn rx_counts_match(mode: &Mode) {
         "guest counted more than was sent: {result:?} vs {source:?}"
     );
     assert_eq!(num(&result, "bytes"), got * 200);
+    // The tap also drops the odd frame of the host's own (ARP) while the guest is flooded.
     let accounted = got + dropped;
     assert!(
-        accounted <= sent && accounted * 1000 >= sent * 995,
+        accounted <= sent + 16 && accounted * 1000 >= sent * 995,
         "sent {sent}, guest {got} + tap dropped {dropped} = {accounted}"
     );
 }
