@@ -192,7 +192,8 @@ struct Server {
 
 impl Server {
     fn run(self) {
-        block_control_signals();
+        // The API thread starts before the VM blocks these (ApiServer::bind comes first).
+        crate::vmm::block_control_signals();
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -266,21 +267,6 @@ impl Server {
         answer
             .recv()
             .unwrap_or_else(|_| ApiResponse::error(503, "the VM is shutting down"))
-    }
-}
-
-/// The API thread must not take the process-wide SIGINT/SIGTERM/SIGUSR1 meant for the main
-/// thread's signalfd.
-fn block_control_signals() {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; only this thread's mask
-    // changes.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

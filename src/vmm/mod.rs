@@ -120,6 +120,9 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        // Before the devices' I/O threads exist, so they inherit it; the signals wait for the
+        // main loop's signalfd.
+        block_control_signals();
         let serial_output = open_serial_output(&config.serial)?;
 
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
@@ -474,6 +477,24 @@ fn stop_vcpus(handles: Vec<VcpuHandle>) {
     }
 }
 
+/// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread and returns that set. Called before
+/// any other thread is created (threads inherit the mask): a process-directed signal is taken
+/// by a thread that does not block it, and an I/O thread taking SIGTERM would end the process
+/// on the spot, without the main loop's clean stop.
+pub fn block_control_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
 /// SIGINT and SIGTERM (stop the VM) and SIGUSR1 (log every vCPU's registers), blocked and
 /// delivered through a signalfd to the main loop.
 struct ControlSignals {
@@ -482,17 +503,9 @@ struct ControlSignals {
 
 impl ControlSignals {
     fn block() -> Result<Self, VmError> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
-        let fd = unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGUSR1);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-        };
+        let set = block_control_signals();
+        // SAFETY: `set` is a valid sigset_t; signalfd only reads it.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
         if fd < 0 {
             return Err(host_err("signalfd")(std::io::Error::last_os_error()));
         }
