@@ -154,6 +154,12 @@ fn blk_verify(name: &str, cpus: u32, cmdline: &str, device_props: &str, sizes: &
         .map(|&b| written_sectors(b / SECTOR as u64).len())
         .sum();
     assert_eq!(r["blocks"], expected_blocks.to_string(), "{output}");
+    if cmdline.contains("completion=irq") {
+        let irqs: u64 = r["irqs"].parse().expect("irqs is a number");
+        assert!(irqs > 0, "no wait ended by an MSI-X interrupt:\n{output}");
+    } else {
+        assert_eq!(r["irqs"], "0", "{output}");
+    }
     // QEMU's write-zeroes must zero; its default discard=ignore keeps the data.
     assert_eq!(r["write_zeroes"], "zeroed", "{output}");
     for (i, d) in disks.iter().enumerate() {

@@ -46,8 +46,9 @@ const WANTED_QUEUE_SIZE: u16 = 256;
 const FIRST_VECTOR: u8 = 0x40;
 const LAST_VECTOR: u8 = 0xEF;
 static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_VECTOR);
-/// An interrupt that does not come within this long is reported lost.
-const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
+/// A completion (or its interrupt) that does not come within this long is
+/// reported as a timeout rather than hanging the run.
+const COMPLETION_TIMEOUT_NS: u64 = 10_000_000_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
@@ -410,7 +411,7 @@ impl BlkQueue {
     /// Waits for the next completion: spinning on the used ring when
     /// polling; for the queue's interrupt when completion=irq. Returns early
     /// once `done()` (another thread harvested what we wait for). False if
-    /// an expected interrupt never came.
+    /// nothing came within COMPLETION_TIMEOUT_NS.
     pub fn wait(&self) -> bool {
         self.wait_until(&|| false)
     }
@@ -427,7 +428,7 @@ impl BlkQueue {
                         return true;
                     }
                 }
-                let deadline = x86::rdtsc() + tsc::ns_to_ticks(IRQ_TIMEOUT_NS);
+                let deadline = x86::rdtsc() + tsc::ns_to_ticks(COMPLETION_TIMEOUT_NS);
                 while counter.load(Ordering::Acquire) == seen {
                     if done() {
                         return true;
@@ -441,7 +442,11 @@ impl BlkQueue {
                 true
             }
             _ => {
+                let deadline = x86::rdtsc() + tsc::ns_to_ticks(COMPLETION_TIMEOUT_NS);
                 while !self.ring.lock().queue.has_used() && !done() {
+                    if x86::rdtsc() > deadline {
+                        return false;
+                    }
                     x86::pause();
                 }
                 true
@@ -450,7 +455,8 @@ impl BlkQueue {
     }
 
     /// One request, start to finish; safe on a queue other threads use the
-    /// same way. `Err(())` if its interrupt was lost.
+    /// same way. `Err(())` if it timed out (the device or its interrupt never
+    /// came back).
     pub fn run(&self, req: &Request) -> Result<u8, ()> {
         let slot = loop {
             match self.submit(req) {

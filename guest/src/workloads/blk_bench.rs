@@ -64,7 +64,7 @@ impl Pattern {
 struct ThreadStats {
     ops: AtomicU64,
     errors: AtomicU64,
-    lost_interrupts: AtomicU64,
+    timeouts: AtomicU64,
     elapsed_ns: AtomicU64,
     histogram: u64,
 }
@@ -173,7 +173,7 @@ fn thread(cpu: usize, arg: usize) {
     for (i, b) in flight.free_buffers.iter_mut().enumerate().take(job.depth) {
         *b = i;
     }
-    let mut lost = 0u64;
+    let mut timeouts = 0u64;
     while x86::rdtsc() < job.start_tsc {
         x86::pause();
     }
@@ -235,14 +235,14 @@ fn thread(cpu: usize, arg: usize) {
                 queue.wait()
             };
             if !waited {
-                lost += 1;
+                timeouts += 1;
                 break;
             }
         }
     }
     stats.ops.store(flight.ops, Ordering::Relaxed);
     stats.errors.store(flight.errors, Ordering::Relaxed);
-    stats.lost_interrupts.store(lost, Ordering::Relaxed);
+    stats.timeouts.store(timeouts, Ordering::Relaxed);
     stats.elapsed_ns.store(
         tsc::ticks_to_ns(x86::rdtsc() - job.start_tsc),
         Ordering::Relaxed,
@@ -334,7 +334,7 @@ pub fn run(boot: &Boot) -> bool {
             ThreadStats {
                 ops: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
-                lost_interrupts: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
                 elapsed_ns: AtomicU64::new(0),
                 histogram: 0,
             }
@@ -367,11 +367,11 @@ pub fn run(boot: &Boot) -> bool {
     smp::run_on_all(thread, &job as *const Job as usize);
 
     let mut histogram = [0u64; BUCKETS];
-    let (mut ops, mut errors, mut lost, mut elapsed_ns) = (0u64, 0u64, 0u64, 1u64);
+    let (mut ops, mut errors, mut timeouts, mut elapsed_ns) = (0u64, 0u64, 0u64, 1u64);
     for s in &job.stats[..threads] {
         ops += s.ops.load(Ordering::Relaxed);
         errors += s.errors.load(Ordering::Relaxed);
-        lost += s.lost_interrupts.load(Ordering::Relaxed);
+        timeouts += s.timeouts.load(Ordering::Relaxed);
         elapsed_ns = elapsed_ns.max(s.elapsed_ns.load(Ordering::Relaxed));
         // SAFETY: the thread filled its histogram and has returned.
         let h = unsafe { core::slice::from_raw_parts(s.histogram as *const u32, BUCKETS) };
@@ -381,9 +381,9 @@ pub fn run(boot: &Boot) -> bool {
     }
     let iops = ops as u128 * 1_000_000_000 / elapsed_ns as u128;
     let mibps = ops as u128 * block_bytes as u128 * 1_000_000_000 / elapsed_ns as u128 / (1 << 20);
-    let ok = errors == 0 && lost == 0 && ops > 0;
+    let ok = errors == 0 && timeouts == 0 && ops > 0;
     println!(
-        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} lost_irqs={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={}",
+        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} timeouts={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={}",
         NAME,
         if ok { "ok" } else { "fail" },
         iops,
@@ -392,7 +392,7 @@ pub fn run(boot: &Boot) -> bool {
         percentile(&histogram, ops, 990),
         ops,
         errors,
-        lost,
+        timeouts,
         boot.cmdline.get_or("rw", "randread"),
         block_bytes,
         depth,

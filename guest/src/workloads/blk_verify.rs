@@ -174,7 +174,7 @@ impl Job<'_> {
                     ok = false;
                 }
                 Err(()) => {
-                    self.error("interrupt-lost", sector, None);
+                    self.error("timeout", sector, None);
                     ok = false;
                 }
             }
@@ -291,7 +291,7 @@ fn check_range(job: &Job, kind: u32, start: u64, n: u64) -> RangeCheck {
             return RangeCheck::Failed;
         }
         Err(()) => {
-            job.error("interrupt-lost", start, None);
+            job.error("timeout", start, None);
             return RangeCheck::Failed;
         }
     }
@@ -364,7 +364,7 @@ fn check_read_only(job: &Job, totals: &mut Totals) {
     match job.disk.queue(0).run(&req) {
         Ok(S_IOERR) => totals.ro_refused += 1,
         Ok(status) => job.error("read-only-write-not-refused", 0, Some(status)),
-        Err(()) => job.error("interrupt-lost", 0, None),
+        Err(()) => job.error("timeout", 0, None),
     }
     job.buffer(0).fill(0);
     if job.transfer(0, blk::T_IN, 0, sectors)
@@ -399,7 +399,7 @@ fn read_id(job: &Job) {
         }
         Ok(blk::S_UNSUPP) => println!("ID disk={} id=unsupported", job.disk_index),
         Ok(status) => job.error("get-id-failed", 0, Some(status)),
-        Err(()) => job.error("interrupt-lost", 0, None),
+        Err(()) => job.error("timeout", 0, None),
     }
 }
 
@@ -487,7 +487,7 @@ pub fn run(boot: &Boot) -> bool {
                     match disk.queue(0).run(&flush) {
                         Ok(S_OK) => totals.flushes += 1,
                         Ok(status) => job.error("flush-failed", 0, Some(status)),
-                        Err(()) => job.error("interrupt-lost", 0, None),
+                        Err(()) => job.error("timeout", 0, None),
                     }
                 }
                 run_phase(&mut job, Phase::Verify);
