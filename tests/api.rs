@@ -243,6 +243,16 @@ fn shutdown_pauses_and_ends_the_vm_and_removes_the_socket() {
 }
 
 #[test]
+fn kill_ends_a_paused_vm() {
+    let mut vm = idle_vm("api-kill-paused");
+    assert_eq!(vm.call("PUT", "vm.pause", None).0, 204);
+    assert_eq!(vm.call("PUT", "vm.kill", None).0, 204);
+    let output = vm.finish(Duration::from_secs(30));
+    output.assert_exit_code(0);
+    assert!(!vm.socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
 fn sigterm_ends_the_vm_and_removes_the_socket() {
     let mut vm = idle_vm("api-sigterm");
     let pid = {
