@@ -60,6 +60,8 @@ pub enum Completion {
 #[derive(Clone, Copy)]
 pub struct Options {
     pub kind: Kind,
+    /// Fall back to the other transport when the device lacks `kind`.
+    pub either_transport: bool,
     pub completion: Completion,
     pub event_idx: bool,
     pub indirect: bool,
@@ -558,7 +560,10 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
         clear |= pci::COMMAND_INTX_DISABLE;
     }
     f.set_command_bits(bits, clear);
-    let mut transport = Transport::new(f, opts.kind)?;
+    let mut transport = match Transport::new(f, opts.kind) {
+        Err(Error::NoModernTransport) if opts.either_transport => Transport::new(f, Kind::Legacy)?,
+        other => other?,
+    };
     transport.reset();
     transport.add_status(virtio::STATUS_ACKNOWLEDGE);
     transport.add_status(virtio::STATUS_DRIVER);

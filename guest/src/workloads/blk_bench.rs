@@ -400,7 +400,7 @@ pub fn run(boot: &Boot) -> bool {
         secs,
         disk.kicks() - kicks_before,
         disk.interrupts_waited() - irqs_before,
-        opts.kind.name(),
+        if opts.either_transport { "auto" } else { opts.kind.name() },
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
     );
     ok

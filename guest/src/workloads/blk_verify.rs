@@ -541,7 +541,7 @@ pub fn run(boot: &Boot) -> bool {
         kicks,
         interrupts,
         tsc::ticks_to_ns(MAX_LATENCY_TICKS.load(Ordering::Relaxed)) / 1000,
-        opts.kind.name(),
+        if opts.either_transport { "auto" } else { opts.kind.name() },
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
     );
     ok

@@ -26,11 +26,13 @@ fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, F
     }
 }
 
-/// Reads `transport=`, `completion=`, `event_idx=`, `indirect=`.
+/// Reads `transport=` (`modern`, `legacy`, or `auto`: modern where the
+/// device has it, else legacy), `completion=`, `event_idx=`, `indirect=`.
 pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Failure> {
-    let kind = match cmdline.get_or("transport", "modern") {
-        "modern" => Kind::Modern,
-        "legacy" => Kind::Legacy,
+    let (kind, either_transport) = match cmdline.get_or("transport", "modern") {
+        "modern" => (Kind::Modern, false),
+        "legacy" => (Kind::Legacy, false),
+        "auto" => (Kind::Modern, true),
         _ => {
             return Err(Failure {
                 reason: "bad-argument",
@@ -50,6 +52,7 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
     };
     Ok(Options {
         kind,
+        either_transport,
         completion,
         event_idx: on_off(cmdline, "event_idx", true)?,
         indirect: on_off(cmdline, "indirect", true)?,

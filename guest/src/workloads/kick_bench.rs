@@ -53,7 +53,11 @@ pub fn run(boot: &Boot) -> bool {
         n,
         elapsed_ns / n,
         elapsed_ns / 1_000_000,
-        opts.kind.name(),
+        if opts.either_transport {
+            "auto"
+        } else {
+            opts.kind.name()
+        },
     );
     true
 }
