@@ -44,7 +44,8 @@ const MAX_SEGMENTS: usize = 16;
 const WANTED_QUEUE_SIZE: u16 = 256;
 /// First MSI-X vector handed out; each queue gets its own.
 const FIRST_VECTOR: u8 = 0x40;
-const LAST_VECTOR: u8 = 0xEF;
+/// 0xE0..0xEF belong to the virtio-net driver.
+const LAST_VECTOR: u8 = 0xDF;
 static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_VECTOR);
 /// A completion (or its interrupt) that does not come within this long is
 /// reported as a timeout rather than hanging the run.
@@ -156,9 +157,6 @@ impl BlkQueue {
                 1 << (15 - wanted.leading_zeros())
             }
         };
-        if size > WANTED_QUEUE_SIZE && transport.kind == Kind::Legacy && size as usize > 1024 {
-            return Err(Error::QueueTooSmall);
-        }
         let segments = segments_needed(opts.max_request_bytes, size_max).max(1) as u16;
         if segments as usize > MAX_SEGMENTS || (seg_max != 0 && segments as u32 > seg_max) {
             return Err(Error::QueueTooSmall);
