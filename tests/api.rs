@@ -381,3 +381,56 @@ fn max_ioeventfds_1_puts_one_of_two_disks_in_sync_mode_and_both_verify() {
         }
     }
 }
+
+#[test]
+fn a_socket_path_that_cannot_be_created_is_a_one_line_usage_error() {
+    let dir = common::scratch_dir("api-bad-path");
+    let kernel = dir.join("halt.elf");
+    common::write_halting_pvh_elf(&kernel);
+    let output = common::run_kickvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--api-socket",
+            "/nonexistent-dir/api.sock",
+        ],
+        Duration::from_secs(30),
+    );
+    common::assert_one_line_error(&output, "--api-socket /nonexistent-dir/api.sock");
+
+    // A regular file in the way is not replaced.
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "keep me").unwrap();
+    let output = common::run_kickvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--api-socket",
+            file.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    common::assert_one_line_error(&output, "not a socket");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[test]
+fn remote_without_a_vm_says_so_in_one_line() {
+    let output = common::run_kickvm(
+        &[
+            "remote",
+            "--api-socket",
+            "/nonexistent-dir/api.sock",
+            "info",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(output.code, Some(1), "{output}");
+    assert_eq!(output.stderr.trim_end().lines().count(), 1, "{output}");
+    assert!(
+        output.stderr.contains("cannot reach the API socket"),
+        "{output}"
+    );
+}
