@@ -76,7 +76,8 @@ fn prepare_cpu(index: usize) {
 
         (*addr_of_mut!(AP_BOOT_SLOTS))[index] = ApBootSlot {
             kernel_stack_top: kernel_top,
-            user_stack_top: user_top,
+            // Rust is entered as if called: rsp % 16 == 8.
+            user_stack_top: user_top - 8,
         };
     }
 }
