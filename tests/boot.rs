@@ -209,7 +209,11 @@ fn keystrokes_on_a_terminal_reach_the_guest_and_the_terminal_is_restored() {
     common::write_pvh_elf(&kernel, SERIAL_ECHO_GUEST);
     let (mut master, slave) = open_pty();
     let cooked = local_flags(&slave);
-    assert_ne!(cooked & libc::ICANON, 0, "a new pty starts in canonical mode");
+    assert_ne!(
+        cooked & libc::ICANON,
+        0,
+        "a new pty starts in canonical mode"
+    );
 
     let child = Command::new(common::kickvm_binary())
         .args(["run", "--kernel", kernel.to_str().unwrap()])
