@@ -217,7 +217,11 @@ interrupt_stubs:
     .balign 16
     pushq %rax
     movl $vec, %eax
+    .if vec == {spurious}
+    jmp spurious_common
+    .else
     jmp interrupt_common
+    .endif
     .set vec, vec + 1
     .endr
 
@@ -225,6 +229,12 @@ interrupt_common:
     lock incq INTERRUPT_COUNTS(,%rax,8)
     movl $0xFEE000B0, %eax
     movl $0, (%rax)
+    popq %rax
+    iretq
+
+    /* The APIC's spurious vector: counted, but not in service, so no EOI. */
+spurious_common:
+    lock incq INTERRUPT_COUNTS(,%rax,8)
     popq %rax
     iretq
 
@@ -336,5 +346,6 @@ stack_pts:
     cpu_stacks = const CPU_STACKS_BYTES,
     kernel_top = const KERNEL_STACK_TOP,
     first_tss = const FIRST_TSS_SELECTOR,
+    spurious = const crate::lapic::SPURIOUS_VECTOR,
     options(att_syntax)
 );
