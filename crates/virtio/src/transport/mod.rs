@@ -760,9 +760,12 @@ impl PciDevice for VirtioPciDevice {
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
-        // The run's notify-path record, one line per queue, before the queues go away.
-        for (index, report) in self.queue_reports().iter().enumerate() {
-            let c = report.counters;
+        // The run's notify-path record, one line per queue: the mode the run ended in, and the
+        // counters after deactivation's last drain of the kick eventfds, so every kick is in.
+        let reports = self.queue_reports();
+        self.deactivate();
+        for (index, report) in reports.iter().enumerate() {
+            let c = self.counters[index].snapshot();
             log::info!(
                 "{} queue {index}: mode={} kicks_ioeventfd={} kicks_exit={} kicks_replayed={} \
                  requests={} bytes={} interrupts_sent={} interrupts_suppressed={}",
@@ -777,7 +780,6 @@ impl Drop for VirtioPciDevice {
                 c.interrupts_suppressed
             );
         }
-        self.deactivate();
     }
 }
 
