@@ -10,20 +10,20 @@ use core::arch::global_asm;
 use core::sync::atomic::AtomicU64;
 
 /// Upper bound on the CPUs the guest brings up (GDT TSS slots, stacks).
-pub const MAX_CPUS: usize = 32;
+pub const MAX_CPUS: usize = 64;
 /// GDT selector of the first TSS; CPU `i` uses `FIRST_TSS_SELECTOR + 16 * i`.
 pub const FIRST_TSS_SELECTOR: usize = 0x30;
 /// Bytes in a TSS with its I/O permission bitmap and terminator byte.
 pub const TSS_BYTES: usize = 104 + 8192 + 1;
 /// Physical address the AP trampoline is copied to (SIPI vector 0x08).
 pub const AP_TRAMPOLINE_ADDR: usize = 0x8000;
-/// Every CPU's stacks live in one fixed 512 KiB block from STACKS_BASE, each
+/// Every CPU's stacks live in one fixed 256 KiB block from STACKS_BASE, each
 /// stack above an unmapped guard page (4 KiB page tables cover the region):
 /// guard, kernel (RSP0) stack, guard, user stack. An overflow faults (under
 /// PVM a triple fault with CR2 in the guard page, since the exception handler
 /// runs on the same stack) instead of silently overwriting what lies below.
 pub const STACKS_BASE: u64 = 0x100_0000;
-pub const CPU_STACKS_BYTES: u64 = 512 * 1024;
+pub const CPU_STACKS_BYTES: u64 = 256 * 1024;
 pub const STACKS_END: u64 = STACKS_BASE + MAX_CPUS as u64 * CPU_STACKS_BYTES;
 const KERNEL_STACK_TOP: u64 = 12 * 1024;
 
@@ -333,7 +333,7 @@ bsp_tss:
 stack_pts:
     .set page, 0
     .rept STACK_PDS * 512
-    .if ((page & 127) == 0) || ((page & 127) == 3)
+    .if ((page % (CPU_STACKS >> 12)) == 0) || ((page % (CPU_STACKS >> 12)) == 3)
     .quad 0
     .else
     .quad STACKS_BASE + (page << 12) + 0x7

@@ -95,7 +95,9 @@ extern "C" fn bsp_main() -> ! {
         cpus_listed,
         cpus_started,
         cpu_source,
-        aps_all_started: cpus_started == cpus.as_ref().map_or(1, |c| c.count),
+        // CPUs the guest cannot start (beyond MAX_CPUS, or x2APIC ids) count as
+        // not started.
+        aps_all_started: cpus_started == cpus_listed,
         tsc_source,
     };
     let ok = workloads::run(&boot);
