@@ -20,6 +20,10 @@
 //! rest of the disk is untouched. The DISCARD / WRITE_ZEROES checks work
 //! on sectors of extent 0 and rewrite the pattern there afterwards.
 //!
+//! After each FLUSH completes: `FLUSHED disk=D loop=K`. With `hold=1` the
+//! guest then spins at CPL3 forever, printing nothing, so a host-side test
+//! can kill the VMM while the disk holds exactly loop 0's flushed pattern.
+//!
 //! `max_lat_us` in the RESULT line: the slowest read or write of the pattern
 //! passes, from submission to completion (time the VM spent paused included).
 
@@ -429,6 +433,18 @@ pub fn run(boot: &Boot) -> bool {
             )
         }
     };
+    let hold = match boot.cmdline.number("hold", 0) {
+        Ok(h) if h <= 1 => h == 1,
+        _ => {
+            return disks::report_failure(
+                NAME,
+                &Failure {
+                    reason: "bad-argument",
+                    detail: "hold",
+                },
+            )
+        }
+    };
     let opts = match disks::options(&boot.cmdline, EXTENT_BYTES) {
         Ok(o) => o,
         Err(f) => return disks::report_failure(NAME, &f),
@@ -485,7 +501,16 @@ pub fn run(boot: &Boot) -> bool {
                         len: 0,
                     };
                     match disk.queue(0).run(&flush) {
-                        Ok(S_OK) => totals.flushes += 1,
+                        Ok(S_OK) => {
+                            totals.flushes += 1;
+                            println!("FLUSHED disk={} loop={}", index, k);
+                            if hold {
+                                // The host kills the VM now; nothing after this may touch a disk.
+                                loop {
+                                    x86::pause();
+                                }
+                            }
+                        }
                         Ok(status) => job.error("flush-failed", 0, Some(status)),
                         Err(()) => job.error("timeout", 0, None),
                     }
