@@ -231,12 +231,20 @@ impl PciDevices {
         let mac = config
             .mac
             .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + self.nets as u8]);
+        // on: ioeventfd (with the I/O thread's poll if poll_us > 0); off: sync exits; auto:
+        // sync exits with TX bursts handed to the I/O thread (see `IoeventfdPolicy`).
+        let (ioeventfd, poll_us, tx_inline) = match config.ioeventfd {
+            IoeventfdPolicy::On => (true, config.poll_us, None),
+            IoeventfdPolicy::Off => (false, 0, None),
+            IoeventfdPolicy::Auto => (false, 0, Some(usize::from(config.tx_inline))),
+        };
         let net = VirtioNet::new(
             Arc::new(tap),
             NetOptions {
                 mac,
                 pairs: config.queues,
                 queue_size: config.queue_size,
+                tx_inline,
             },
         )
         .map_err(|source| AttachError::NetDevice {
@@ -252,13 +260,6 @@ impl PciDevices {
                 id: id.clone(),
                 source,
             })?;
-        // `auto`: ioeventfd, and the I/O thread polls the pair for `poll_us` after activity
-        // (see `IoeventfdPolicy` for why).
-        let (ioeventfd, poll_us) = match config.ioeventfd {
-            IoeventfdPolicy::On => (true, 0),
-            IoeventfdPolicy::Off => (false, 0),
-            IoeventfdPolicy::Auto => (true, config.poll_us),
-        };
         let transport = VirtioPciDevice::new(
             &id,
             Box::new(net),

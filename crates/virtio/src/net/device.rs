@@ -32,6 +32,9 @@ pub struct NetOptions {
     pub mac: [u8; 6],
     pub pairs: u16,
     pub queue_size: u16,
+    /// With sync kicks (`auto`): TX frames the vCPU sends itself before handing the rest of a
+    /// burst to the I/O thread. None: the kick's thread sends everything.
+    pub tx_inline: Option<usize>,
 }
 
 pub struct VirtioNet {
@@ -150,6 +153,7 @@ impl VirtioDevice for VirtioNet {
             activation,
             self.backend.clone(),
             usize::from(self.options.pairs),
+            self.options.tx_inline,
         )?);
         self.handler = Some(handler.clone());
         Ok(handler)

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::header::{
     tap_offload_flags, vnet_header_len, VnetHeader, HEADER_LEN, NUM_BUFFERS_OFFSET,
@@ -35,6 +36,8 @@ use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 const BATCH: usize = 256;
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+/// An RX chain's head, its writable segments, and their total length.
+type RxChain = (u16, Vec<(GuestAddress, usize)>, usize);
 
 /// Drops and errors, for tests and reports.
 #[derive(Debug, Default)]
@@ -78,6 +81,20 @@ struct Pair {
     /// Holds `fd` while the guest has RX buffers; the I/O thread watches this.
     readiness: Epoll,
     tap_watched: AtomicBool,
+    /// Wakes the I/O thread (through `readiness`) to send what a vCPU left for it.
+    handoff: EventFd,
+    tx_handed_off: AtomicBool,
+}
+
+/// How far one TX pass goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TxMode {
+    /// Everything, then notifications on.
+    Drain,
+    /// What is there now, notifications left off: the polling I/O thread comes back.
+    Quiet,
+    /// Up to N frames on the calling (vCPU) thread; if more wait, the I/O thread takes over.
+    Inline(usize),
 }
 
 enum RxOutcome {
@@ -99,6 +116,8 @@ pub struct NetHandler {
     ctrl_index: Option<usize>,
     ctrl: Mutex<Option<Queue>>,
     num_queues: usize,
+    /// Sync-kick TX: frames sent on the vCPU before the rest is handed to the I/O thread.
+    tx_inline: Option<usize>,
     pub stats: NetStats,
 }
 
@@ -111,6 +130,7 @@ impl NetHandler {
         activation: Activation,
         backend: Arc<dyn NetBackend>,
         max_pairs: usize,
+        tx_inline: Option<usize>,
     ) -> Result<Self, ActivateError> {
         let acked = activation.acked_features;
         let mq = has(acked, VIRTIO_NET_F_MQ) && has(acked, VIRTIO_NET_F_CTRL_VQ);
@@ -147,6 +167,14 @@ impl NetHandler {
         let mut pairs = Vec::with_capacity(pairs_offered);
         for (i, (rx, tx)) in rx_queues.into_iter().zip(tx_queues).enumerate() {
             let readiness = Epoll::new().map_err(|e| backend_err("epoll", e))?;
+            let handoff = EventFd::new(EFD_NONBLOCK).map_err(|e| backend_err("eventfd", e))?;
+            readiness
+                .ctl(
+                    ControlOperation::Add,
+                    handoff.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, 1),
+                )
+                .map_err(|e| backend_err("epoll", e))?;
             let mut rx = rx.map(|queue| RxQueue {
                 queue,
                 bounce: vec![0; hdr_len + MAX_FRAME_LEN],
@@ -169,6 +197,8 @@ impl NetHandler {
                 fd: backend.queue_fd(i),
                 readiness,
                 tap_watched: AtomicBool::new(false),
+                handoff,
+                tx_handed_off: AtomicBool::new(false),
             });
         }
         let handler = Self {
@@ -183,6 +213,7 @@ impl NetHandler {
             ctrl_index,
             ctrl: Mutex::new(ctrl),
             num_queues,
+            tx_inline,
             stats: NetStats::default(),
         };
         // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
@@ -202,7 +233,7 @@ impl NetHandler {
             drop(pair.rx.lock().unwrap().take());
             drop(pair.tx.lock().unwrap().take());
         }
-        drop(self.ctrl.lock().unwrap().take());
+        self.ctrl.lock().unwrap().take();
     }
 
     fn set_active_pairs(&self, active: usize) {
@@ -251,10 +282,10 @@ impl NetHandler {
 
     // ---- TX ----
 
-    /// Sends everything the driver made available. With `keep_quiet` (the I/O thread polls)
-    /// driver notifications stay off on return; otherwise they are back on and the ring was
-    /// re-checked after, so no kick can be lost.
-    fn tx_run(&self, pair: &Pair, keep_quiet: bool) -> usize {
+    /// Sends what the driver made available, as `mode` says. Unless the mode leaves the ring
+    /// to someone who will come back (the polling I/O thread, a hand-off), notifications are
+    /// back on at return and the ring was re-checked after, so no kick can be lost.
+    fn tx_run(&self, pair: &Pair, mode: TxMode) -> usize {
         let index = pair.tx_index;
         let mut guard = pair.tx.lock().unwrap();
         let Some(tx) = guard.as_mut() else { return 0 };
@@ -263,6 +294,12 @@ impl NetHandler {
         }
         let mut sent = 0;
         let mut used = 0;
+        let mut handed_off = false;
+        let keep_quiet = mode == TxMode::Quiet;
+        let inline = match mode {
+            TxMode::Inline(n) => n,
+            _ => usize::MAX,
+        };
         let result = (|| -> Result<(), &'static str> {
             tx.queue
                 .disable_notification(&self.mem)
@@ -281,6 +318,18 @@ impl NetHandler {
                     used += 1;
                     if keep_quiet && used >= BATCH {
                         break;
+                    }
+                    if used >= inline {
+                        let more = tx
+                            .queue
+                            .avail_idx(&self.mem, Ordering::Acquire)
+                            .map_or(true, |idx| idx.0 != tx.queue.next_avail());
+                        if more {
+                            // A stream, not a reply: the I/O thread sends the rest while the
+                            // vCPU goes back to its guest; kicks stay off until it is done.
+                            handed_off = true;
+                            return Ok(());
+                        }
                     }
                 }
                 if keep_quiet {
@@ -303,6 +352,16 @@ impl NetHandler {
         }
         if used > 0 {
             self.signal(index, &mut tx.queue);
+        }
+        drop(guard);
+        if handed_off {
+            pair.tx_handed_off.store(true, Ordering::Release);
+            if let Err(e) = pair.handoff.write(1) {
+                // Cannot happen short of a counter overflow; send the rest here instead.
+                log::warn!("virtio-net: TX hand-off failed ({e}); sending inline");
+                pair.tx_handed_off.store(false, Ordering::Release);
+                return sent + self.tx_run(pair, TxMode::Drain);
+            }
         }
         sent
     }
@@ -495,7 +554,7 @@ impl NetHandler {
         let len = rx.pending;
         // Where each chain's writable bytes are, collected before anything is written, so a
         // frame that does not fit leaves the ring untouched.
-        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>, usize)> = Vec::new();
+        let mut chains: Vec<RxChain> = Vec::new();
         let mut room = 0usize;
         while room < len {
             let Some(chain) = rx.queue.pop_descriptor_chain(&self.mem) else {
@@ -587,8 +646,11 @@ impl NetHandler {
         RxOutcome::Delivered(chains.len())
     }
 
-    /// The driver posted RX buffers: a frame held back, or the tap, can move again.
+    /// The driver posted RX buffers: a frame held back, or the tap, can move again. (In
+    /// ioeventfd mode the I/O thread also lands here for the pair's readiness descriptor, so
+    /// a hand-off is served here too.)
     fn rx_buffers_posted(&self, pair: &Pair) -> usize {
+        self.take_handoff(pair);
         {
             let mut guard = pair.rx.lock().unwrap();
             let Some(rx) = guard.as_mut() else { return 0 };
@@ -610,9 +672,19 @@ impl NetHandler {
         self.rx_run(pair)
     }
 
+    /// Sends what a vCPU handed over (`TxMode::Inline`); returns the frames sent.
+    fn take_handoff(&self, pair: &Pair) -> usize {
+        let _ = pair.handoff.read();
+        if pair.tx_handed_off.swap(false, Ordering::AcqRel) {
+            self.tx_run(pair, TxMode::Drain)
+        } else {
+            0
+        }
+    }
+
     /// One look at the whole pair for the polling I/O thread; TX notifications stay off.
     fn poll_pair(&self, pair: &Pair) -> bool {
-        let found = self.rx_buffers_posted(pair) + self.tx_run(pair, true);
+        let found = self.rx_buffers_posted(pair) + self.tx_run(pair, TxMode::Quiet);
         if found > 0 {
             add(&self.stats.polled_frames, found as u64);
         }
@@ -705,7 +777,11 @@ impl QueueHandler for NetHandler {
             return;
         };
         if queue == pair.tx_index {
-            self.tx_run(pair, false);
+            let mode = match self.tx_inline {
+                Some(n) => TxMode::Inline(n),
+                None => TxMode::Drain,
+            };
+            self.tx_run(pair, mode);
         } else {
             self.rx_buffers_posted(pair);
         }
@@ -716,9 +792,10 @@ impl QueueHandler for NetHandler {
         (queue == pair.rx_index).then(|| pair.readiness.as_raw_fd())
     }
 
-    /// The tap is readable.
+    /// The tap is readable, or a vCPU handed TX work over.
     fn process_completions(&self, queue: usize) {
         if let Some(pair) = self.pair_of(queue).filter(|p| queue == p.rx_index) {
+            self.take_handoff(pair);
             self.rx_run(pair);
         }
     }
@@ -736,7 +813,7 @@ impl QueueHandler for NetHandler {
 
     fn rearm(&self, queue: usize) {
         if let Some(pair) = self.pair_of(queue) {
-            self.tx_run(pair, false);
+            self.tx_run(pair, TxMode::Drain);
         }
     }
 

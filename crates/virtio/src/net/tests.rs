@@ -172,6 +172,15 @@ fn ring_addr(q: usize) -> u64 {
 }
 
 fn guest(mem: &GuestMemoryMmap, pairs: u16, acked: impl Fn(u64) -> u64) -> Guest<'_> {
+    guest_with(mem, pairs, acked, None)
+}
+
+fn guest_with(
+    mem: &GuestMemoryMmap,
+    pairs: u16,
+    acked: impl Fn(u64) -> u64,
+    tx_inline: Option<usize>,
+) -> Guest<'_> {
     let backend = PairBackend::new(usize::from(pairs));
     let mut net = VirtioNet::new(
         backend.clone(),
@@ -179,6 +188,7 @@ fn guest(mem: &GuestMemoryMmap, pairs: u16, acked: impl Fn(u64) -> u64) -> Guest
             mac: [2, 0, 0, 0, 0, 7],
             pairs,
             queue_size: QUEUE_LEN,
+            tx_inline,
         },
     )
     .unwrap();
@@ -891,6 +901,69 @@ fn rearm_sends_what_arrived_after_the_last_poll() {
     assert!(!g.handler.busy(0) && !g.handler.busy(1));
 }
 
+// ---- sync kicks with hand-off (the auto policy) ----
+
+#[test]
+fn a_short_tx_burst_is_sent_on_the_kick_itself() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest_with(&mem, 1, all, Some(4));
+    for i in 0..3u64 {
+        let len = put_tx(
+            &mem,
+            BUF + i * 0x1000,
+            &VnetHeader::default(),
+            &eth_frame(64, i as u8),
+        );
+        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
+    }
+    g.handler.process_queue(1);
+    for i in 0..3 {
+        assert_eq!(
+            g.backend.host_recv(0).unwrap()[HEADER_LEN..],
+            eth_frame(64, i)[..]
+        );
+    }
+    assert!(
+        !readable(g.handler.completion_fd(0).unwrap()),
+        "nothing to hand over"
+    );
+    assert_eq!(avail_event(&g, 1), 3, "kicks are back on");
+}
+
+#[test]
+fn a_long_tx_burst_is_handed_to_the_io_thread_with_kicks_off_until_it_is_sent() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest_with(&mem, 1, all, Some(4));
+    for i in 0..10u64 {
+        let len = put_tx(
+            &mem,
+            BUF + i * 0x1000,
+            &VnetHeader::default(),
+            &eth_frame(64, i as u8),
+        );
+        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
+    }
+    g.handler.process_queue(1);
+    assert_eq!(g.used_idx(1), 4, "the vCPU sends its share only");
+    let watch = g.handler.completion_fd(0).unwrap();
+    assert!(readable(watch), "the I/O thread must be woken for the rest");
+    assert_ne!(
+        avail_event(&g, 1),
+        4,
+        "no kicks while the I/O thread has the ring"
+    );
+    g.handler.process_completions(0);
+    assert_eq!(g.used_idx(1), 10);
+    for i in 0..10 {
+        assert_eq!(
+            g.backend.host_recv(0).unwrap()[HEADER_LEN..],
+            eth_frame(64, i)[..]
+        );
+    }
+    assert!(!readable(watch));
+    assert_eq!(avail_event(&g, 1), 10, "kicks are back on once it is sent");
+}
+
 #[test]
 fn reset_stops_the_queues_and_the_tap_watch() {
     let mem = guest_memory(MEM_SIZE);
@@ -926,7 +999,7 @@ fn header_round_trips_through_its_wire_form() {
 
 #[test]
 fn tx_header_checks_follow_the_negotiated_offloads() {
-    let everything = !0u64 & !(1 << VIRTIO_NET_F_HOST_UFO);
+    let everything = !(1u64 << VIRTIO_NET_F_HOST_UFO);
     let csum = |start, offset| VnetHeader {
         flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
         csum_start: start,
