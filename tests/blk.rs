@@ -1,0 +1,545 @@
+//! virtio-blk end to end: `kickvm run --disk ...` boots the test guest's `blk-verify` and the
+//! image files are checked on the host afterwards. Covers both transports with ioeventfd on
+//! and off, polled and interrupt completions, two vCPUs on their own queues, four disks, a
+//! read-only disk, SIGKILL right after a flush, the notify mode and kick counters (exit log and
+//! control API), and bad `--disk` input. Needs /dev/kvm.
+
+mod api_vm;
+mod blk_pattern;
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use api_vm::{exit_queue_counters, ApiVm};
+use common::RunOutput;
+
+const MIB: u64 = 1 << 20;
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The VM tests run one at a time: on two busy cores, guests spinning on their rings starve
+/// each other's I/O threads and a run measures the machine, not kickvm.
+static ONE_VM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_VM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A scratch directory for images, removed when the test ends (pass or fail).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = common::scratch_dir(&format!("blk-{name}"));
+        Scratch(dir)
+    }
+
+    /// A sparse image of `bytes`, all zero.
+    fn image(&self, name: &str, bytes: u64) -> PathBuf {
+        api_vm::image(&self.0, name, bytes)
+    }
+
+    /// An image of `bytes` filled with `byte` (so "untouched" is distinguishable from zeroed).
+    fn filled_image(&self, name: &str, bytes: u64, byte: u8) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, vec![byte; bytes as usize]).expect("writing an image");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn disk_arg(path: &Path, options: &str) -> String {
+    if options.is_empty() {
+        format!("path={}", path.display())
+    } else {
+        format!("path={},{options}", path.display())
+    }
+}
+
+/// Boots the test guest with `cmdline` and kickvm arguments `extra`, with the virtio crate
+/// logging at info level so the per-queue exit summary is on stderr.
+fn run_guest(cmdline: &str, extra: &[String]) -> RunOutput {
+    common::require_kvm();
+    let guest = common::test_guest();
+    let child = Command::new(common::kickvm_binary())
+        .args(["run", "--kernel"])
+        .arg(guest)
+        .args(["--cmdline", cmdline])
+        .args(extra)
+        .env("RUST_LOG", "warn,kickvm_virtio=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kickvm");
+    common::wait_with_timeout(child, RUN_TIMEOUT)
+}
+
+/// Asserts a clean blk-verify run over `disks` disks and returns its RESULT fields.
+fn assert_verified(output: &RunOutput, disks: usize) -> HashMap<String, String> {
+    output.assert_exit_code(0);
+    let result = output.result("blk-verify");
+    assert_eq!(result["status"], "ok", "{output}");
+    assert_eq!(result["errors"], "0", "{output}");
+    assert_eq!(result["disks"], disks.to_string(), "{output}");
+    assert!(
+        output.stdout.lines().any(|l| l == "DONE status=ok"),
+        "{output}"
+    );
+    result
+}
+
+/// The exit summary's counters for `device`, one map per queue in queue order.
+fn queue_summaries(output: &RunOutput, device: &str) -> Vec<HashMap<String, String>> {
+    let mut queues: Vec<(usize, HashMap<String, String>)> = exit_queue_counters(&output.stderr)
+        .into_iter()
+        .filter(|(id, _, _)| id == device)
+        .map(|(_, index, counters)| (index, counters))
+        .collect();
+    queues.sort_by_key(|(index, _)| *index);
+    queues.into_iter().map(|(_, counters)| counters).collect()
+}
+
+fn count(counters: &HashMap<String, String>, key: &str) -> u64 {
+    counters
+        .get(key)
+        .unwrap_or_else(|| panic!("no `{key}` in {counters:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("`{key}` is not a number in {counters:?}"))
+}
+
+/// ioeventfd on: every kick went through the eventfd, none was a notify exit; off: the
+/// reverse. `mode` is the summary's notify mode the run ended in.
+fn assert_notify_path(counters: &HashMap<String, String>, ioeventfd: bool, what: &str) {
+    let by_eventfd = count(counters, "kicks_ioeventfd");
+    let by_exit = count(counters, "kicks_exit");
+    if ioeventfd {
+        assert_eq!(counters["mode"], "ioeventfd", "{what}: {counters:?}");
+        assert!(
+            by_eventfd > 0 && by_exit == 0,
+            "{what}: ioeventfd on must give eventfd kicks and no notify exits: {counters:?}"
+        );
+    } else {
+        assert_eq!(counters["mode"], "sync", "{what}: {counters:?}");
+        assert!(
+            by_exit > 0 && by_eventfd == 0,
+            "{what}: ioeventfd off must give notify exits and no eventfd kicks: {counters:?}"
+        );
+    }
+}
+
+#[test]
+fn blk_verify_passes_on_both_transports_with_ioeventfd_on_and_off_polled_and_by_interrupt() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("matrix");
+    let mut seed = 100;
+    for transport in ["modern", "legacy"] {
+        for ioeventfd in [true, false] {
+            for completion in ["poll", "irq"] {
+                seed += 1;
+                let what = format!(
+                    "transport={transport} ioeventfd={} completion={completion}",
+                    if ioeventfd { "on" } else { "off" }
+                );
+                let image = scratch.image(
+                    &format!("{transport}-{ioeventfd}-{completion}.img"),
+                    8 * MIB,
+                );
+                let disk = disk_arg(
+                    &image,
+                    &format!("ioeventfd={}", if ioeventfd { "on" } else { "off" }),
+                );
+                let output = run_guest(
+                    &format!(
+                        "workload=blk-verify seed={seed} transport={transport} completion={completion}"
+                    ),
+                    &["--disk".into(), disk],
+                );
+                let result = assert_verified(&output, 1);
+                assert_eq!(result["transport"], transport, "{what}\n{output}");
+                assert_eq!(result["completion"], completion, "{what}\n{output}");
+                assert_eq!(result["blocks"], (8 * MIB / 512).to_string(), "{what}");
+                assert_eq!(result["flushes"], "1", "{what}");
+                if completion == "irq" {
+                    assert_ne!(result["irqs"], "0", "{what}: completions came by interrupt");
+                } else {
+                    assert_eq!(
+                        result["irqs"], "0",
+                        "{what}: polling waits for no interrupt"
+                    );
+                }
+                let disk_line = output
+                    .stdout
+                    .lines()
+                    .find(|l| l.starts_with("DISK index=0 "))
+                    .unwrap_or_else(|| panic!("{what}: no DISK line\n{output}"));
+                assert!(
+                    disk_line.contains(&format!("transport={transport} ")),
+                    "{what}: {disk_line}"
+                );
+                let queues = queue_summaries(&output, "disk0");
+                assert_eq!(queues.len(), 1, "{what}: one queue summary\n{output}");
+                assert_notify_path(&queues[0], ioeventfd, &what);
+                // Every kick the guest made reached the device by the path in force.
+                let guest_kicks: u64 = result["kicks"].parse().unwrap();
+                assert_eq!(
+                    count(&queues[0], "kicks_ioeventfd") + count(&queues[0], "kicks_exit"),
+                    guest_kicks,
+                    "{what}: kicks made vs handled\n{output}"
+                );
+                blk_pattern::assert_image(&image, seed, 0, 0);
+            }
+        }
+    }
+}
+
+/// A device that offers only one interface (kickvm `transport=modern|legacy`) is found and
+/// verified by a guest that takes whatever each device has.
+#[test]
+fn blk_verify_passes_on_modern_only_and_legacy_only_devices() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("pure");
+    let modern = scratch.image("modern.img", 8 * MIB);
+    let legacy = scratch.image("legacy.img", 16 * MIB);
+    let output = run_guest(
+        "workload=blk-verify seed=5 transport=auto",
+        &[
+            "--disk".into(),
+            disk_arg(&modern, "transport=modern"),
+            "--disk".into(),
+            disk_arg(&legacy, "transport=legacy,ioeventfd=off"),
+        ],
+    );
+    assert_verified(&output, 2);
+    let transports: Vec<&str> = output
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("DISK index="))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("transport=")))
+        .collect();
+    assert_eq!(
+        transports,
+        ["transport=modern", "transport=legacy"],
+        "{output}"
+    );
+    assert_notify_path(&queue_summaries(&output, "disk0")[0], true, "modern disk");
+    assert_notify_path(&queue_summaries(&output, "disk1")[0], false, "legacy disk");
+    blk_pattern::assert_image(&modern, 5, 0, 0);
+    blk_pattern::assert_image(&legacy, 5, 1, 0);
+}
+
+#[test]
+fn two_vcpus_each_drive_their_own_queue() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("mq");
+    let image = scratch.image("mq.img", 32 * MIB);
+    for completion in ["poll", "irq"] {
+        let output = run_guest(
+            &format!("workload=blk-verify seed=21 loops=2 completion={completion}"),
+            &[
+                "--cpus".into(),
+                "2".into(),
+                "--disk".into(),
+                disk_arg(&image, "queues=2"),
+            ],
+        );
+        let result = assert_verified(&output, 1);
+        assert_eq!(result["threads"], "2", "{output}");
+        assert!(
+            output
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("DISK index=0 ") && l.contains(" queues=2 ")),
+            "the guest sees two queues:\n{output}"
+        );
+        let queues = queue_summaries(&output, "disk0");
+        assert_eq!(queues.len(), 2, "two queue summaries:\n{output}");
+        for (index, queue) in queues.iter().enumerate() {
+            // Each vCPU's thread writes and reads half of the extents on its own queue.
+            assert!(
+                count(queue, "requests") >= 256,
+                "{completion}: queue {index} carried its vCPU's share: {queue:?}"
+            );
+            assert_notify_path(queue, true, &format!("{completion} queue {index}"));
+        }
+        if completion == "irq" {
+            assert_ne!(result["irqs"], "0");
+            for (index, queue) in queues.iter().enumerate() {
+                assert!(
+                    count(queue, "interrupts_sent") > 0,
+                    "queue {index} interrupted its vCPU: {queue:?}"
+                );
+            }
+        }
+        blk_pattern::assert_image(&image, 22, 0, 0);
+    }
+}
+
+#[test]
+fn four_disks_at_once_each_hold_their_own_pattern() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("four");
+    // Different sizes (one not a whole number of extents) and notify settings per disk.
+    let sizes = [8 * MIB, 12 * MIB, 16 * MIB + 3 * 512, 24 * MIB];
+    let options = [
+        "ioeventfd=on",
+        "ioeventfd=off",
+        "ioeventfd=on,queues=2",
+        "ioeventfd=off,queues=2",
+    ];
+    let images: Vec<PathBuf> = sizes
+        .iter()
+        .enumerate()
+        .map(|(d, &bytes)| scratch.image(&format!("disk{d}.img"), bytes))
+        .collect();
+    let mut args = vec!["--cpus".to_string(), "2".to_string()];
+    for (image, options) in images.iter().zip(options) {
+        args.push("--disk".into());
+        args.push(disk_arg(image, options));
+    }
+    let output = run_guest("workload=blk-verify seed=77 completion=irq", &args);
+    let result = assert_verified(&output, 4);
+    let total_sectors: u64 = sizes.iter().map(|b| b / 512).sum();
+    assert_eq!(result["blocks"], total_sectors.to_string(), "{output}");
+    assert_eq!(result["flushes"], "4");
+    for (d, image) in images.iter().enumerate() {
+        let queues = queue_summaries(&output, &format!("disk{d}"));
+        assert!(!queues.is_empty(), "disk{d} has an exit summary:\n{output}");
+        for queue in &queues {
+            assert_notify_path(
+                queue,
+                options[d].contains("ioeventfd=on"),
+                &format!("disk{d}"),
+            );
+        }
+        blk_pattern::assert_image(image, 77, d as u64, 0);
+    }
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes_and_its_image_is_unchanged() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("ro");
+    let writable = scratch.image("rw.img", 8 * MIB);
+    let protected = scratch.filled_image("ro.img", 8 * MIB, 0xA5);
+    for transport in ["modern", "legacy"] {
+        let output = run_guest(
+            &format!("workload=blk-verify seed=9 transport={transport}"),
+            &[
+                "--disk".into(),
+                disk_arg(&writable, ""),
+                "--disk".into(),
+                disk_arg(&protected, "readonly=on"),
+            ],
+        );
+        let result = assert_verified(&output, 2);
+        assert_eq!(result["ro_disks"], "1", "{transport}\n{output}");
+        assert_eq!(result["ro_refused"], "1", "{transport}\n{output}");
+        assert!(
+            output
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("DISK index=1 ") && l.contains(" ro=1 ")),
+            "{transport}: the guest sees VIRTIO_BLK_F_RO:\n{output}"
+        );
+        blk_pattern::assert_image(&writable, 9, 0, 0);
+        let data = std::fs::read(&protected).unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0xA5),
+            "{transport}: the read-only image changed"
+        );
+    }
+}
+
+/// Runs blk-verify with `hold=1` on one disk, reads the serial output as it comes, and
+/// SIGKILLs kickvm on the `FLUSHED` line. Returns what kickvm printed.
+fn kill_after_first_flush(image: &Path, seed: u64, disk_options: &str) -> String {
+    common::require_kvm();
+    let mut child = Command::new(common::kickvm_binary())
+        .args(["run", "--kernel"])
+        .arg(common::test_guest())
+        .args([
+            "--cmdline",
+            &format!("workload=blk-verify seed={seed} hold=1"),
+            "--disk",
+            &disk_arg(image, disk_options),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start kickvm");
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut seen = String::new();
+    let flushed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line == "FLUSHED disk=0 loop=0" {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    // SAFETY: sending a signal to our own child process, which has not been reaped yet.
+    let killed = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().expect("waiting for kickvm");
+    drop(lines);
+    let _ = reader.join();
+    assert!(flushed, "no FLUSHED line (kickvm ended: {status}):\n{seen}");
+    assert_eq!(killed, 0, "kickvm was still alive at the FLUSHED line");
+    assert!(
+        std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
+        "kickvm died of the SIGKILL, not by itself: {status}\n{seen}"
+    );
+    assert!(
+        !seen.contains("RESULT "),
+        "the guest held after the flush:\n{seen}"
+    );
+    seen
+}
+
+#[test]
+fn data_flushed_before_a_sigkill_is_in_the_image() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("sigkill");
+    for (options, seed) in [
+        ("", 31),
+        ("ioeventfd=off", 32),
+        ("engine=threads", 33),
+        ("direct=on", 34),
+    ] {
+        let image = scratch.image(&format!("kill-{seed}.img"), 16 * MIB);
+        kill_after_first_flush(&image, seed, options);
+        // Everything the guest wrote before its flush completed is in the file, and nothing
+        // else changed (hold=1 stops the guest before the verify and range checks).
+        blk_pattern::assert_image(&image, seed, 0, 0);
+    }
+}
+
+/// vm.counters and vm.info show which path the kicks took, while the guest is held after its
+/// flush (so the counts are final), for both transports and both settings.
+#[test]
+fn control_api_counters_show_no_notify_exits_with_ioeventfd_and_only_exits_without() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("api-counters");
+    for transport in ["modern", "legacy"] {
+        for ioeventfd in [true, false] {
+            let what = format!("{transport} ioeventfd={ioeventfd}");
+            let image = scratch.image(&format!("{transport}-{ioeventfd}.img"), 8 * MIB);
+            let disk = disk_arg(
+                &image,
+                &format!("ioeventfd={}", if ioeventfd { "on" } else { "off" }),
+            );
+            let mut vm = ApiVm::start(
+                &format!("blk-api-{transport}-{ioeventfd}"),
+                common::test_guest(),
+                &format!("workload=blk-verify seed=3 hold=1 transport={transport}"),
+                &["--disk", &disk],
+            );
+            // Wait for the guest to hold: GET_ID, one write per 64 KiB extent, the flush.
+            let deadline = Instant::now() + RUN_TIMEOUT;
+            let requests_at_hold = 1 + 8 * MIB / (64 << 10) + 1;
+            let queue = loop {
+                let counters = vm.ok("GET", "vm.counters", None);
+                let queue = counters["devices"][0]["queues"][0].clone();
+                if queue["requests"].as_u64().unwrap_or(0) >= requests_at_hold {
+                    break queue;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: the guest never got through its writes: {counters}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            let by_exit = queue["kicks_exit"].as_u64().unwrap();
+            let by_eventfd = queue["kicks_ioeventfd"].as_u64().unwrap();
+            let device = vm.device("disk0");
+            if ioeventfd {
+                assert!(by_eventfd > 0 && by_exit == 0, "{what}: {queue}");
+                assert_eq!(
+                    device["queues"][0]["notify"], "ioeventfd",
+                    "{what}: {device}"
+                );
+            } else {
+                assert!(by_exit > 0 && by_eventfd == 0, "{what}: {queue}");
+                assert_eq!(device["queues"][0]["notify"], "sync", "{what}: {device}");
+                assert_eq!(
+                    device["queues"][0]["reason"], "ioeventfd-off",
+                    "{what}: {device}"
+                );
+            }
+            assert_eq!(vm.call("PUT", "vm.kill", None).0, 204, "{what}");
+            let output = vm.finish(RUN_TIMEOUT);
+            output.assert_exit_code(0);
+            // The exit summary agrees with what the API said.
+            let summary = &queue_summaries(&output, "disk0")[0];
+            assert_notify_path(summary, ioeventfd, &what);
+            assert_eq!(count(summary, "kicks_exit"), by_exit, "{what}");
+            assert_eq!(count(summary, "kicks_ioeventfd"), by_eventfd, "{what}");
+        }
+    }
+}
+
+#[test]
+fn bad_disk_options_are_one_line_usage_errors() {
+    let scratch = Scratch::new("bad-input");
+    let image = scratch.image("ok.img", MIB);
+    let image = image.to_str().unwrap();
+    let cases = [
+        (format!("path={image},bogus=1"), "unknown option `bogus`"),
+        (format!("path={image},ioeventfd=maybe"), "ioeventfd=maybe"),
+        (format!("path={image},queues=0"), "queues=0"),
+        ("readonly=on".to_string(), "path=PATH"),
+    ];
+    for (disk, fragment) in &cases {
+        let output = common::run_kickvm(
+            &["run", "--kernel", "/dev/null", "--disk", disk],
+            RUN_TIMEOUT,
+        );
+        common::assert_one_line_error(&output, fragment);
+    }
+}
+
+#[test]
+fn a_disk_path_that_is_missing_or_a_directory_is_a_one_line_usage_error() {
+    common::require_kvm();
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let scratch = Scratch::new("bad-path");
+    let missing = scratch.0.join("missing.img");
+    let directory = scratch.0.clone();
+    for (path, fragment) in [(&missing, "No such file"), (&directory, "directory")] {
+        let disk = disk_arg(path, "");
+        let output = common::run_kickvm(&["run", "--kernel", &guest, "--disk", &disk], RUN_TIMEOUT);
+        common::assert_one_line_error(&output, fragment);
+        assert!(
+            output.stderr.contains(path.to_str().unwrap()),
+            "the error names the path:\n{output}"
+        );
+    }
+    assert!(!missing.exists(), "a missing image is not created");
+}
