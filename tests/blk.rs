@@ -327,6 +327,31 @@ fn four_disks_at_once_each_hold_their_own_pattern() {
     }
 }
 
+/// Above 64 MiB blk-verify writes every `stride`-th extent plus the last: the extents between
+/// must keep their old bytes, so a request landing at the wrong offset shows.
+#[test]
+fn a_disk_over_64_mib_holds_the_pattern_on_the_strided_extents_and_old_bytes_between() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("strided");
+    // 1153 extents (the last one short): stride 2, so every other extent is left alone.
+    let bytes = 72 * MIB + 7 * 512;
+    let image = scratch.filled_image("big.img", bytes, 0x5A);
+    let output = run_guest(
+        "workload=blk-verify seed=44 completion=irq",
+        &[
+            "--cpus".into(),
+            "2".into(),
+            "--disk".into(),
+            disk_arg(&image, "queues=2"),
+        ],
+    );
+    let result = assert_verified(&output, 1);
+    let written = blk_pattern::written_sectors(bytes / 512).len();
+    assert!(written < (bytes / 512) as usize, "the disk is strided");
+    assert_eq!(result["blocks"], written.to_string(), "{output}");
+    blk_pattern::assert_image(&image, 44, 0, 0x5A);
+}
+
 #[test]
 fn a_readonly_disk_refuses_writes_and_its_image_is_unchanged() {
     let _turn = take_turn();
