@@ -26,6 +26,7 @@ use crate::config::BlkConfig;
 use crate::ioevent::{CappedRegistrar, IoeventRegistrar};
 use crate::net::{
     IoeventfdPolicy, NetConfig, NetDeviceError, NetOptions, Tap, TapError, VirtioNet,
+    DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
 };
 use crate::transport::{TransportError, TransportOptions, VirtioPciDevice};
 
@@ -233,10 +234,15 @@ impl PciDevices {
             .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + self.nets as u8]);
         // on: ioeventfd (with the I/O thread's poll if poll_us > 0); off: sync exits; auto:
         // sync exits with TX bursts handed to the I/O thread (see `IoeventfdPolicy`).
-        let (ioeventfd, poll_us, tx_inline) = match config.ioeventfd {
-            IoeventfdPolicy::On => (true, config.poll_us, None),
-            IoeventfdPolicy::Off => (false, 0, None),
-            IoeventfdPolicy::Auto => (false, 0, Some(usize::from(config.tx_inline))),
+        let (ioeventfd, poll_us, tx_inline, reply_us) = match config.ioeventfd {
+            IoeventfdPolicy::On => (true, config.poll_us.unwrap_or(DEFAULT_POLL_US), None, 0),
+            IoeventfdPolicy::Off => (false, 0, None, 0),
+            IoeventfdPolicy::Auto => (
+                false,
+                0,
+                Some(usize::from(config.tx_inline)),
+                config.poll_us.unwrap_or(DEFAULT_REPLY_POLL_US),
+            ),
         };
         let net = VirtioNet::new(
             Arc::new(tap),
@@ -245,6 +251,7 @@ impl PciDevices {
                 pairs: config.queues,
                 queue_size: config.queue_size,
                 tx_inline,
+                reply_poll: Duration::from_micros(u64::from(reply_us)),
             },
         )
         .map_err(|source| AttachError::NetDevice {

@@ -9,6 +9,8 @@ use crate::transport::TransportKind;
 /// With `ioeventfd=on`, how long the I/O thread keeps polling a pair after its last progress
 /// (0: it sleeps in epoll right away). Measured harmful on a 2-core host, hence 0.
 pub const DEFAULT_POLL_US: u32 = 0;
+/// With `auto`, how long the I/O thread waits for a reply after delivering frames.
+pub const DEFAULT_REPLY_POLL_US: u32 = 30;
 /// With `auto`, how many TX frames the vCPU sends on its kick before it hands a burst to the
 /// I/O thread.
 pub const DEFAULT_TX_INLINE: u16 = 8;
@@ -72,8 +74,9 @@ pub struct NetConfig {
     /// The device's name in reports; `net<N>` by default.
     pub id: Option<String>,
     pub queue_size: u16,
-    /// `ioeventfd=on`: the I/O thread's poll after activity.
-    pub poll_us: u32,
+    /// `ioeventfd=on`: the I/O thread's poll after activity; `auto`: its wait for a reply
+    /// after delivering frames. None: the mode's default.
+    pub poll_us: Option<u32>,
     /// `ioeventfd=auto`: TX frames sent on the kick before a burst goes to the I/O thread.
     pub tx_inline: u16,
 }
@@ -88,7 +91,7 @@ impl Default for NetConfig {
             queues: 1,
             id: None,
             queue_size: DEFAULT_QUEUE_SIZE,
-            poll_us: DEFAULT_POLL_US,
+            poll_us: None,
             tx_inline: DEFAULT_TX_INLINE,
         }
     }
@@ -184,7 +187,8 @@ impl FromStr for NetConfig {
                     config.poll_us = value
                         .parse()
                         .ok()
-                        .filter(|&n| n <= 10_000)
+                        .map(Some)
+                        .filter(|&n| n <= Some(10_000))
                         .ok_or_else(|| bad(key, value, "microseconds from 0 to 10000"))?
                 }
                 "tx_inline" => {
@@ -232,7 +236,7 @@ mod tests {
         assert_eq!(c.transport, TransportKind::Legacy);
         assert_eq!(
             (c.queues, c.queue_size, c.poll_us, c.tx_inline),
-            (2, 512, 20, 4)
+            (2, 512, Some(20), 4)
         );
         assert_eq!(c.id.as_deref(), Some("lan"));
     }

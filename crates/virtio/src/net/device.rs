@@ -35,6 +35,9 @@ pub struct NetOptions {
     /// With sync kicks (`auto`): TX frames the vCPU sends itself before handing the rest of a
     /// burst to the I/O thread. None: the kick's thread sends everything.
     pub tx_inline: Option<usize>,
+    /// After delivering frames, how long the I/O thread watches for a reply with TX kicks
+    /// suppressed (`auto`; zero: never).
+    pub reply_poll: std::time::Duration,
 }
 
 pub struct VirtioNet {
@@ -154,6 +157,7 @@ impl VirtioDevice for VirtioNet {
             self.backend.clone(),
             usize::from(self.options.pairs),
             self.options.tx_inline,
+            self.options.reply_poll,
         )?);
         self.handler = Some(handler.clone());
         Ok(handler)

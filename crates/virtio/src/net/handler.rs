@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -32,6 +33,8 @@ use super::MAX_FRAME_LEN;
 use crate::counters::QueueCounters;
 use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 
+/// A transmit this soon after a receive counts as a reply.
+const REPLY_WINDOW: Duration = Duration::from_micros(200);
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
 
@@ -84,6 +87,10 @@ struct Pair {
     /// Wakes the I/O thread (through `readiness`) to send what a vCPU left for it.
     handoff: EventFd,
     tx_handed_off: AtomicBool,
+    /// When frames last went to the guest (ns since `NetHandler::clock`).
+    last_rx_ns: AtomicU64,
+    /// Transmits follow receives closely (request/response): wait for replies.
+    replies_follow: AtomicBool,
 }
 
 /// How far one TX pass goes.
@@ -118,6 +125,9 @@ pub struct NetHandler {
     num_queues: usize,
     /// Sync-kick TX: frames sent on the vCPU before the rest is handed to the I/O thread.
     tx_inline: Option<usize>,
+    /// How long the I/O thread watches for a reply after delivering frames (zero: never).
+    reply_poll: Duration,
+    clock: Instant,
     pub stats: NetStats,
 }
 
@@ -131,6 +141,7 @@ impl NetHandler {
         backend: Arc<dyn NetBackend>,
         max_pairs: usize,
         tx_inline: Option<usize>,
+        reply_poll: Duration,
     ) -> Result<Self, ActivateError> {
         let acked = activation.acked_features;
         let mq = has(acked, VIRTIO_NET_F_MQ) && has(acked, VIRTIO_NET_F_CTRL_VQ);
@@ -199,6 +210,8 @@ impl NetHandler {
                 tap_watched: AtomicBool::new(false),
                 handoff,
                 tx_handed_off: AtomicBool::new(false),
+                last_rx_ns: AtomicU64::new(0),
+                replies_follow: AtomicBool::new(true),
             });
         }
         let handler = Self {
@@ -214,6 +227,8 @@ impl NetHandler {
             ctrl: Mutex::new(ctrl),
             num_queues,
             tx_inline,
+            reply_poll,
+            clock: Instant::now(),
             stats: NetStats::default(),
         };
         // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
@@ -536,6 +551,10 @@ impl NetHandler {
                 }
             }
         }
+        if frames > 0 {
+            pair.last_rx_ns
+                .store(self.clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
         if used > 0 {
             if always_signal {
                 // A frame spread over several buffers was published with fewer used-index
@@ -682,6 +701,60 @@ impl NetHandler {
         }
     }
 
+    fn since_rx(&self, pair: &Pair) -> Duration {
+        let now = self.clock.elapsed().as_nanos() as u64;
+        Duration::from_nanos(now.saturating_sub(pair.last_rx_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Right after frames went to the guest, watches the TX ring for `reply_poll` with the
+    /// guest's kick suppressed: a reply posted meanwhile goes out from here, without the
+    /// ~25 µs exit its kick would cost. When none comes, the pair stops doing this until a
+    /// transmit again follows a receive closely.
+    fn wait_for_reply(&self, pair: &Pair) {
+        let start = Instant::now();
+        if !self.suppress_tx_kicks(pair) {
+            return;
+        }
+        let mut sent = 0;
+        while start.elapsed() < self.reply_poll {
+            if self.tx_available(pair) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // Sends what came (if anything), turns kicks back on and re-checks the ring.
+        sent += self.tx_run(pair, TxMode::Drain);
+        pair.replies_follow.store(sent > 0, Ordering::Relaxed);
+        if sent > 0 {
+            add(&self.stats.polled_frames, sent as u64);
+        }
+    }
+
+    /// Points the driver's kick threshold behind what it already made available (EVENT_IDX)
+    /// or sets NO_NOTIFY, so its next transmits do not kick. False if the queue is unusable.
+    fn suppress_tx_kicks(&self, pair: &Pair) -> bool {
+        let mut guard = pair.tx.lock().unwrap();
+        let Some(tx) = guard.as_mut().filter(|tx| !tx.broken) else {
+            return false;
+        };
+        if !tx.queue.event_idx_enabled() {
+            return tx.queue.disable_notification(&self.mem).is_ok();
+        }
+        let avail_event =
+            GuestAddress(tx.queue.used_ring()).checked_add(4 + 8 * u64::from(tx.queue.size()));
+        let behind = tx.queue.next_avail().wrapping_sub(1);
+        avail_event.is_some_and(|at| self.mem.write_obj(behind.to_le(), at).is_ok())
+    }
+
+    fn tx_available(&self, pair: &Pair) -> bool {
+        let guard = pair.tx.lock().unwrap();
+        guard.as_ref().is_some_and(|tx| {
+            tx.queue
+                .avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != tx.queue.next_avail())
+        })
+    }
+
     /// One look at the whole pair for the polling I/O thread; TX notifications stay off.
     fn poll_pair(&self, pair: &Pair) -> bool {
         let found = self.rx_buffers_posted(pair) + self.tx_run(pair, TxMode::Quiet);
@@ -777,6 +850,11 @@ impl QueueHandler for NetHandler {
             return;
         };
         if queue == pair.tx_index {
+            if !self.reply_poll.is_zero() && self.since_rx(pair) < REPLY_WINDOW {
+                // A transmit right after a receive: request/response traffic, worth the
+                // I/O thread's short wait for the next reply.
+                pair.replies_follow.store(true, Ordering::Relaxed);
+            }
             let mode = match self.tx_inline {
                 Some(n) => TxMode::Inline(n),
                 None => TxMode::Drain,
@@ -792,11 +870,17 @@ impl QueueHandler for NetHandler {
         (queue == pair.rx_index).then(|| pair.readiness.as_raw_fd())
     }
 
-    /// The tap is readable, or a vCPU handed TX work over.
+    /// The tap is readable, or a vCPU handed TX work over. Only the I/O thread calls this,
+    /// so the wait for a reply never keeps a vCPU from its guest.
     fn process_completions(&self, queue: usize) {
         if let Some(pair) = self.pair_of(queue).filter(|p| queue == p.rx_index) {
             self.take_handoff(pair);
-            self.rx_run(pair);
+            if self.rx_run(pair) > 0
+                && !self.reply_poll.is_zero()
+                && pair.replies_follow.load(Ordering::Relaxed)
+            {
+                self.wait_for_reply(pair);
+            }
         }
     }
 

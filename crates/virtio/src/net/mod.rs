@@ -16,7 +16,10 @@ pub(crate) mod handler;
 mod header;
 mod tap;
 
-pub use config::{IoeventfdPolicy, NetConfig, NetConfigError, DEFAULT_POLL_US, DEFAULT_TX_INLINE};
+pub use config::{
+    IoeventfdPolicy, NetConfig, NetConfigError, DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
+    DEFAULT_TX_INLINE,
+};
 pub use device::{NetDeviceError, NetOptions, VirtioNet, DEFAULT_QUEUE_SIZE, MAX_QUEUE_PAIRS};
 pub use header::{tap_offload_flags, vnet_header_len, TxHeaderError, VnetHeader};
 pub use tap::{NetBackend, Tap, TapError};

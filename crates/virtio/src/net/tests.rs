@@ -172,7 +172,7 @@ fn ring_addr(q: usize) -> u64 {
 }
 
 fn guest(mem: &GuestMemoryMmap, pairs: u16, acked: impl Fn(u64) -> u64) -> Guest<'_> {
-    guest_with(mem, pairs, acked, None)
+    guest_with(mem, pairs, acked, None, std::time::Duration::ZERO)
 }
 
 fn guest_with(
@@ -180,6 +180,7 @@ fn guest_with(
     pairs: u16,
     acked: impl Fn(u64) -> u64,
     tx_inline: Option<usize>,
+    reply_poll: std::time::Duration,
 ) -> Guest<'_> {
     let backend = PairBackend::new(usize::from(pairs));
     let mut net = VirtioNet::new(
@@ -189,6 +190,7 @@ fn guest_with(
             pairs,
             queue_size: QUEUE_LEN,
             tx_inline,
+            reply_poll,
         },
     )
     .unwrap();
@@ -906,7 +908,7 @@ fn rearm_sends_what_arrived_after_the_last_poll() {
 #[test]
 fn a_short_tx_burst_is_sent_on_the_kick_itself() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest_with(&mem, 1, all, Some(4));
+    let mut g = guest_with(&mem, 1, all, Some(4), std::time::Duration::ZERO);
     for i in 0..3u64 {
         let len = put_tx(
             &mem,
@@ -933,7 +935,7 @@ fn a_short_tx_burst_is_sent_on_the_kick_itself() {
 #[test]
 fn a_long_tx_burst_is_handed_to_the_io_thread_with_kicks_off_until_it_is_sent() {
     let mem = guest_memory(MEM_SIZE);
-    let mut g = guest_with(&mem, 1, all, Some(4));
+    let mut g = guest_with(&mem, 1, all, Some(4), std::time::Duration::ZERO);
     for i in 0..10u64 {
         let len = put_tx(
             &mem,
@@ -962,6 +964,67 @@ fn a_long_tx_burst_is_handed_to_the_io_thread_with_kicks_off_until_it_is_sent() 
     }
     assert!(!readable(watch));
     assert_eq!(avail_event(&g, 1), 10, "kicks are back on once it is sent");
+}
+
+#[test]
+fn a_reply_posted_soon_after_a_receive_goes_out_without_a_kick() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest_with(&mem, 1, all, Some(8), std::time::Duration::from_secs(2));
+    g.offer(0, &[(BUF + 0x10_000, 2048, true)]);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    // The "guest" answers 5 ms after the frame arrives, without kicking.
+    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(64, 1));
+    let (desc_at, ring) = (GuestAddress(ring_addr(1)), g.rings[1].avail_addr());
+    let mem2 = mem.clone();
+    let guest = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        mem2.write_obj(desc(BUF, len, 0, 0), desc_at).unwrap();
+        mem2.write_obj(0u16, ring.unchecked_add(4)).unwrap();
+        mem2.write_obj(1u16, ring.unchecked_add(2)).unwrap();
+    });
+    // While the I/O thread waits, the driver must not be asked to kick.
+    g.handler.process_completions(0);
+    guest.join().unwrap();
+    assert_eq!(g.used_idx(0), 1);
+    assert_eq!(
+        g.backend.host_recv(0).unwrap()[HEADER_LEN..],
+        eth_frame(64, 1)[..]
+    );
+    assert_eq!(g.used_idx(1), 1);
+    assert_eq!(avail_event(&g, 1), 1, "kicks are back on after the wait");
+    assert_eq!(g.stats().polled_frames.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn without_replies_the_io_thread_stops_waiting_for_them() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest_with(&mem, 1, all, Some(8), std::time::Duration::from_millis(50));
+    for i in 0..2u64 {
+        g.offer(0, &[(BUF + i * 0x1000, 2048, true)]);
+    }
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    let start = std::time::Instant::now();
+    g.handler.process_completions(0);
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(50),
+        "first time it waits"
+    );
+    assert_eq!(
+        avail_event(&g, 1),
+        0,
+        "kicks are back on after a fruitless wait"
+    );
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 1)));
+    let start = std::time::Instant::now();
+    g.handler.process_completions(0);
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(50),
+        "then it does not"
+    );
+    assert_eq!(g.used_idx(0), 2);
 }
 
 #[test]
