@@ -307,7 +307,7 @@ fn four_disks_at_once_each_hold_their_own_pattern() {
     let options = [
         "ioeventfd=on",
         "ioeventfd=off",
-        "ioeventfd=on,queues=2",
+        "ioeventfd=on,queues=2,serial=kickvm-blk-test-2",
         "ioeventfd=off,queues=2",
     ];
     let images: Vec<PathBuf> = sizes
@@ -325,6 +325,21 @@ fn four_disks_at_once_each_hold_their_own_pattern() {
     let total_sectors: u64 = sizes.iter().map(|b| b / 512).sum();
     assert_eq!(result["blocks"], total_sectors.to_string(), "{output}");
     assert_eq!(result["flushes"], "4");
+    let ids: Vec<&str> = output
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("ID disk="))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "ID disk=0 id=-",
+            "ID disk=1 id=-",
+            "ID disk=2 id=kickvm-blk-test-2",
+            "ID disk=3 id=-"
+        ],
+        "GET_ID answers each disk's serial:\n{output}"
+    );
     for (d, image) in images.iter().enumerate() {
         let queues = queue_summaries(&output, &format!("disk{d}"));
         assert!(!queues.is_empty(), "disk{d} has an exit summary:\n{output}");
@@ -362,6 +377,31 @@ fn a_disk_over_64_mib_holds_the_pattern_on_the_strided_extents_and_old_bytes_bet
     assert!(written < (bytes / 512) as usize, "the disk is strided");
     assert_eq!(result["blocks"], written.to_string(), "{output}");
     blk_pattern::assert_image(&image, 44, 0, 0x5A);
+}
+
+/// An image whose size is not a multiple of 512 is a disk of its whole sectors: the pattern
+/// fills them, the tail keeps its bytes and the file does not grow.
+#[test]
+fn an_image_with_a_partial_last_sector_keeps_its_tail_and_its_size() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("partial");
+    let bytes = MIB + 300;
+    let image = scratch.filled_image("partial.img", bytes, 0x5A);
+    let output = run_guest(
+        "workload=blk-verify seed=12",
+        &["--disk".into(), disk_arg(&image, "")],
+    );
+    let result = assert_verified(&output, 1);
+    assert_eq!(result["blocks"], (MIB / 512).to_string(), "{output}");
+    let data = std::fs::read(&image).unwrap();
+    assert_eq!(data.len() as u64, bytes, "the image kept its size");
+    assert!(
+        data[MIB as usize..].iter().all(|&b| b == 0x5A),
+        "the partial sector at the end was left alone"
+    );
+    let whole = scratch.0.join("whole.img");
+    std::fs::write(&whole, &data[..MIB as usize]).unwrap();
+    blk_pattern::assert_image(&whole, 12, 0, 0x5A);
 }
 
 #[test]
