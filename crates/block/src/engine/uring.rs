@@ -79,8 +79,13 @@ pub(crate) struct IoUringEngine {
     /// The kernel has the CQ flags word (5.8+), so eventfd notification can be switched off
     /// while this thread is collecting completions itself.
     can_mute: bool,
-    /// The kernel signals the eventfd for new completions (it may have since the last reap).
+    /// The kernel signals the eventfd for new completions.
     notifying: bool,
+    /// Reaps that must still read(2) the eventfd to clear a count it may hold. Muting is a
+    /// flag the kernel reads just before it signals, so a completion racing the mute can
+    /// signal after the reap that muted has read: enabling owes two reads (that reap's and
+    /// the next one's), `retry_later` one.
+    eventfd_reads_owed: u8,
     scratch: Vec<(u64, i32)>,
     depth: usize,
 }
@@ -131,6 +136,7 @@ impl IoUringEngine {
             ready: Vec::new(),
             can_mute,
             notifying: true,
+            eventfd_reads_owed: 2,
             scratch: Vec::with_capacity(depth),
             depth,
         })
@@ -211,9 +217,10 @@ impl IoUringEngine {
         Ok(())
     }
 
-    fn retry_later(&self, why: &str) -> Result<(), BlockError> {
+    fn retry_later(&mut self, why: &str) -> Result<(), BlockError> {
         log::debug!("io_uring submission deferred: {why}");
         self.eventfd.write(1)?;
+        self.eventfd_reads_owed = self.eventfd_reads_owed.max(1);
         Ok(())
     }
 
@@ -368,20 +375,27 @@ impl BlockEngine for IoUringEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        if self.notifying {
-            // Reset before draining: a CQE posted after the drain signals it again.
-            let _ = self.eventfd.read();
-        }
         self.mute();
+        if self.eventfd_reads_owed > 0 || self.notifying {
+            // Reset before draining (and after muting): a CQE posted after the drain signals
+            // it again only once notification is back on.
+            let _ = self.eventfd.read();
+            self.eventfd_reads_owed = self.eventfd_reads_owed.saturating_sub(1);
+        }
         loop {
             self.drain();
-            if !self.can_mute {
+            // With nothing in the kernel no CQE can come, so the eventfd stays muted and the
+            // next reap needs no read(2): page-cache hits, which complete inside commit,
+            // then cost one io_uring_enter and no other system call. (Measured: the read on
+            // every reap was ~5% of the polling I/O thread's time at 4k randread qd32.)
+            if !self.can_mute || self.sqes_out == 0 {
                 break;
             }
             // Notify again before going idle, then look once more: a CQE posted while muted
             // and after the drain would otherwise never wake anyone.
             self.ring.completion().enable_eventfd();
             self.notifying = true;
+            self.eventfd_reads_owed = 2;
             if self.ring.completion().is_empty() {
                 break;
             }
