@@ -17,6 +17,7 @@ pub fn attach(
     disks: &[BlkConfig],
     nets: &[NetConfig],
     max_ioeventfds: Option<usize>,
+    vcpus: usize,
 ) -> Result<PciDevices, AttachError> {
     let mut pci = PciDevices::new(
         vm_fd.clone(),
@@ -27,6 +28,7 @@ pub fn attach(
             max_ioeventfds,
             // Every function gets INTA# too, for guests that do not enable MSI-X.
             intx: true,
+            vcpus,
         },
     )?;
     for disk in disks {

@@ -202,6 +202,7 @@ impl Vm {
             &config.disks,
             &config.nets,
             config.max_ioeventfds,
+            usize::from(config.cpus),
         )?;
 
         let model = match config.cpu.profile {

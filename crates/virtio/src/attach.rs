@@ -64,6 +64,15 @@ pub struct PciOptions {
     pub max_ioeventfds: Option<usize>,
     /// Give devices INTx lines (level, resample) for guests without MSI-X.
     pub intx: bool,
+    /// The VM's vCPU count (0: unknown). When the vCPUs alone can occupy every host CPU the
+    /// device I/O threads ask for a higher priority than the vCPUs (see `io_thread.rs`).
+    pub vcpus: usize,
+}
+
+impl PciOptions {
+    fn io_priority_boost(&self) -> bool {
+        self.vcpus > 0 && self.vcpus >= crate::io_thread::host_cpus()
+    }
 }
 
 pub type SharedVirtioDevice = Arc<Mutex<VirtioPciDevice>>;
@@ -185,6 +194,7 @@ impl PciDevices {
                 ioeventfd: config.ioeventfd,
                 poll: Duration::from_micros(u64::from(config.poll_us)),
                 intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
+                io_priority_boost: self.options.io_priority_boost(),
             },
             self.router.clone(),
             self.registrar.clone(),
@@ -276,6 +286,7 @@ impl PciDevices {
                 ioeventfd,
                 poll: Duration::from_micros(u64::from(poll_us)),
                 intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
+                io_priority_boost: self.options.io_priority_boost(),
             },
             self.router.clone(),
             self.registrar.clone(),

@@ -42,6 +42,7 @@ struct Shared {
     callbacks: Mutex<HashMap<u64, Callback>>,
     counters: Arc<[QueueCounters]>,
     poll: Duration,
+    priority_boost: bool,
 }
 
 /// A watched queue's kick eventfd.
@@ -62,11 +63,13 @@ pub struct IoThread {
 
 impl IoThread {
     /// Starts the thread. `poll` bounds how long it spins for more work after the last
-    /// progress while requests are in flight (zero: never spin).
+    /// progress while requests are in flight (zero: never spin). `priority_boost`: run above
+    /// the process's priority, for VMs whose vCPUs can fill every host CPU.
     pub fn spawn(
         name: &str,
         counters: Arc<[QueueCounters]>,
         poll: Duration,
+        priority_boost: bool,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -80,6 +83,7 @@ impl IoThread {
             callbacks: Mutex::new(HashMap::new()),
             counters,
             poll,
+            priority_boost,
         });
         shared.epoll.ctl(
             ControlOperation::Add,
@@ -200,7 +204,46 @@ struct Polling {
 /// the polling thread's time.
 const EPOLL_INTERVAL: Duration = Duration::from_micros(20);
 
+/// How much more CPU weight the I/O thread asks for than the rest of the process (nice
+/// steps), when the VM's vCPUs can fill every host CPU. Then an I/O thread of equal weight
+/// waits behind spinning vCPUs whose progress depends on it. Measured, 4k randread polled on
+/// 2 cores, 3 interleaved rounds: 2 vCPUs x qd16 111k/111k/133k IOPS at equal weight,
+/// 188k/150k/149k boosted; but 1 vCPU x qd32 (where the I/O thread has a core of its own)
+/// went 157k/159k/169k -> 145k/170k/139k and by interrupt 150k -> 143k median, so the boost
+/// is kept to VMs with at least as many vCPUs as host CPUs.
+const PRIORITY_BOOST: libc::c_int = 5;
+
+/// Raises the calling thread's priority by [`PRIORITY_BOOST`] over the process's, where the
+/// host allows it (CAP_SYS_NICE or RLIMIT_NICE); otherwise it keeps the process's.
+fn boost_priority(name: &str) {
+    // SAFETY: plain system calls on the calling thread; getpriority's -1 is a valid nice
+    // value, so errno is what tells failure apart.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if *libc::__errno_location() != 0 {
+            return;
+        }
+        let wanted = (current - PRIORITY_BOOST).max(-20);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, wanted) != 0 {
+            log::debug!(
+                "{name}: I/O thread keeps nice {current}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// CPUs this process may run on.
+pub(crate) fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn run(shared: &Shared) {
+    if shared.priority_boost {
+        boost_priority(&shared.name);
+    }
     let mut events = vec![EpollEvent::default(); 64];
     let mut polling = Polling {
         queues: Vec::new(),
@@ -500,7 +543,7 @@ mod tests {
     #[test]
     fn watched_kick_reaches_the_handler_with_its_queue_index_and_is_counted() {
         let counters = counters(2);
-        let io = IoThread::spawn("t", counters.clone(), Duration::ZERO).unwrap();
+        let io = IoThread::spawn("t", counters.clone(), Duration::ZERO, false).unwrap();
         let (tx, rx) = mpsc::channel();
         let handler = Arc::new(CountingHandler {
             kicks: tx,
@@ -523,7 +566,7 @@ mod tests {
 
     #[test]
     fn unwatched_kick_stays_in_its_eventfd_for_the_next_owner() {
-        let io = IoThread::spawn("t", counters(1), Duration::ZERO).unwrap();
+        let io = IoThread::spawn("t", counters(1), Duration::ZERO, false).unwrap();
         let (tx, rx) = mpsc::channel();
         io.attach(Arc::new(CountingHandler {
             kicks: tx,
@@ -541,7 +584,7 @@ mod tests {
 
     #[test]
     fn dropping_the_thread_stops_it() {
-        let io = IoThread::spawn("t", counters(1), Duration::from_micros(50)).unwrap();
+        let io = IoThread::spawn("t", counters(1), Duration::from_micros(50), true).unwrap();
         drop(io);
     }
 }

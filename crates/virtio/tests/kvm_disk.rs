@@ -339,6 +339,7 @@ fn max_ioeventfds_cap_puts_the_second_disk_in_sync_mode_and_both_work() {
     let mut m = machine(PciOptions {
         max_ioeventfds: Some(1),
         intx: false,
+        ..PciOptions::default()
     });
     for image in &images {
         let disk: BlkConfig = format!("path={},transport=modern", image.0.display())
@@ -386,6 +387,7 @@ fn reset_takes_the_queue_back_to_sync_before_driver_ok() {
     let mut m = machine(PciOptions {
         max_ioeventfds: None,
         intx: true,
+        ..PciOptions::default()
     });
     let disk: BlkConfig = format!("path={},transport=modern", image.0.display())
         .parse()

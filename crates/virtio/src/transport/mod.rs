@@ -115,6 +115,9 @@ pub struct TransportOptions {
     pub poll: Duration,
     /// The IOAPIC GSI for INTx, if the function should have one.
     pub intx_gsi: Option<u32>,
+    /// Run the device's I/O thread at a higher priority than the vCPUs (when they can fill
+    /// every host CPU).
+    pub io_priority_boost: bool,
 }
 
 /// The notify mode of one queue and its counters, for `info` and `counters` reports.
@@ -248,7 +251,12 @@ impl VirtioPciDevice {
             num_queues,
             counters.clone(),
         ));
-        let io_thread = Arc::new(IoThread::spawn(id, counters.clone(), options.poll)?);
+        let io_thread = Arc::new(IoThread::spawn(
+            id,
+            counters.clone(),
+            options.poll,
+            options.io_priority_boost,
+        )?);
         if let Some(intx) = interrupt.intx() {
             let for_callback = interrupt.clone();
             io_thread.add_callback(
