@@ -14,7 +14,8 @@
 //!    ring, and signal the guest once per batch.
 //!
 //! Engines ([`EngineKind`]): `IoUring` (readv/writev/fsync/fallocate on a ring whose completions
-//! signal the eventfd), `ThreadPool` (worker threads doing preadv/pwritev), `Sync` (the request
+//! signal the eventfd; writes to a page-cached image run inline in `submit`, since io_uring
+//! would hand each to a worker thread on file systems without async buffered writes), `ThreadPool` (worker threads doing preadv/pwritev), `Sync` (the request
 //! runs inside `submit`; the simplest correct baseline). `Auto` takes io_uring when the host
 //! allows it, else the thread pool.
 //!

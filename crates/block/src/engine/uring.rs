@@ -329,6 +329,23 @@ impl BlockEngine for IoUringEngine {
 
     fn submit(&mut self, request: Request) -> Result<(), BlockError> {
         let len = request.validate(&self.image)?;
+        if self.in_flight >= self.depth {
+            return Err(BlockError::QueueFull { depth: self.depth });
+        }
+        if request.kind == RequestKind::Write && self.image.direct_io_alignment().is_none() {
+            // A buffered write is a copy into the page cache, but io_uring cannot start one
+            // without blocking on file systems lacking async buffered writes (ext4 here), so
+            // it hands each to an io-wq worker thread: a thread hand-off per write. Done
+            // here it costs one pwritev. Measured, 4k randwrite qd32 ioeventfd=on: 79k IOPS
+            // through io_uring (an iou-wrk thread at 35% CPU), 147k written inline.
+            let result = crate::io::execute(&self.image, &request, len);
+            self.in_flight += 1;
+            self.ready.push(Completion {
+                user_data: request.user_data,
+                result,
+            });
+            return Ok(());
+        }
         let Some(slot) = self.free.pop() else {
             return Err(BlockError::QueueFull { depth: self.depth });
         };
