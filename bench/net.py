@@ -136,7 +136,9 @@ def echo_rtt(ns: Netns, make, samples: int) -> tuple[float, float]:
     vm = Vm(make(f"workload=net-echo ip={GUEST_IP}/24 secs=600"))
     vm.wait_net()
     ns.peer("rtt", GUEST_IP, "16", "50")  # warm-up: ARP, caches
-    r = ns.peer("rtt", GUEST_IP, str(RTT_SIZE), str(samples))
+    r = ns.peer("rtt", GUEST_IP, str(RTT_SIZE), str(samples), timeout=300)
+    if int(r["lost"]) or int(r["n"]) < samples:
+        print(f"  echo: {r['n']} of {samples} samples, {r['lost']} lost", file=sys.stderr)
     vm.proc.kill()
     vm.proc.wait()
     return float(r["median_us"]), float(r["p99_us"])

@@ -7,6 +7,7 @@
   sink BIND:PORT IDLE_S        counts UDP datagrams until IDLE_S without one (after the first);
                                prints `sink packets= bytes= unique=` (ready line first: `sink ready`)
   source DST:PORT SIZE SECS    sends datagrams as fast as sendto allows; prints `source packets=`
+  stop DST                     ends the guest's net-echo/net-rx early (datagrams to port 9)
 """
 
 import os
@@ -55,12 +56,13 @@ def ping(dst: str, count: int) -> None:
     print(f"ping sent={count} ok={ok} rtt_us={rtt}", flush=True)
 
 
-def echo(dst: str, total: int, sizes: list[int]) -> None:
+def echo(dst: str, total: int, sizes: list[int], max_secs: float = 50.0) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(0.5)
     sent_bytes = datagrams = mismatches = retries = lost = 0
     seq = 0
-    while sent_bytes < total:
+    give_up = time.perf_counter() + max_secs
+    while sent_bytes < total and time.perf_counter() < give_up:
         size = sizes[seq % len(sizes)]
         body = struct.pack("!Q", seq)[-min(8, size):] + bytes(((seq * 7 + i) & 0xFF) for i in range(max(0, size - 8)))
         for attempt in range(5):
@@ -85,12 +87,15 @@ def echo(dst: str, total: int, sizes: list[int]) -> None:
     print(f"echo datagrams={datagrams} bytes={sent_bytes} mismatches={mismatches} retries={retries} lost={lost}", flush=True)
 
 
-def rtt(dst: str, size: int, count: int) -> None:
+def rtt(dst: str, size: int, count: int, max_secs: float = 60.0) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(0.5)
     samples = []
     lost = 0
+    give_up = time.perf_counter() + max_secs
     for seq in range(count):
+        if time.perf_counter() > give_up:
+            break
         body = struct.pack("!Q", seq) + bytes(max(0, size - 8))
         start = time.perf_counter()
         sock.sendto(body, (dst, 7))
@@ -146,16 +151,27 @@ def source(dst: str, size: int, secs: float) -> None:
     print(f"source packets={packets}", flush=True)
 
 
+def stop(dst: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Several, spaced: the first may meet a tap queue still full from a flood.
+    for _ in range(5):
+        sock.sendto(b"stop", (dst, 9))
+        time.sleep(0.1)
+    print("stop sent=5", flush=True)
+
+
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "ping":
         ping(args[0], int(args[1]))
     elif mode == "echo":
-        echo(args[0], int(args[1]), [int(s) for s in args[2].split(",")])
+        echo(args[0], int(args[1]), [int(s) for s in args[2].split(",")], float(args[3]) if len(args) > 3 else 50.0)
     elif mode == "rtt":
         rtt(args[0], int(args[1]), int(args[2]))
     elif mode == "sink":
         sink(args[0], float(args[1]))
+    elif mode == "stop":
+        stop(args[0])
     elif mode == "source":
         source(args[0], int(args[1]), float(args[2]))
     else:

@@ -6,7 +6,7 @@ use crate::net::{self, Completion, NetDevice, Options, Pair, BUF_SIZE};
 use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp, tsc, x86};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub use super::disks::{report_failure, Failure};
 
@@ -114,6 +114,16 @@ pub fn open(s: &Setup) -> Result<&'static NetDevice, Failure> {
     }
 }
 
+/// UDP port whose datagram ends a net-echo or net-rx run early (before `secs`), so a host
+/// that is done need not wait out the bound.
+pub const STOP_PORT: u16 = 9;
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether a datagram to `STOP_PORT` arrived.
+pub fn stopped() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
 /// The device `open` set up.
 pub fn device() -> Option<&'static NetDevice> {
     // SAFETY: written once by `open` on the BSP before other CPUs call this.
@@ -169,6 +179,7 @@ pub fn serve(
             FrameKind::ArpRequest => add(&counts.arp, 1),
             FrameKind::ArpReply { ip, mac } => on_arp_reply(ip, mac),
             FrameKind::IcmpEcho => add(&counts.icmp, 1),
+            FrameKind::Udp { port: STOP_PORT, .. } => STOP.store(true, Ordering::Relaxed),
             FrameKind::Udp { payload_len, .. } => {
                 add(&counts.udp, 1);
                 add(&counts.udp_bytes, payload_len as u64);

@@ -1,5 +1,6 @@
 //! `workload=net-echo ip=A.B.C.D/N secs=N`: for N seconds, answers ARP and ICMP echo for the
-//! address and echoes UDP datagrams sent to port 7, each CPU on its own queue pair.
+//! address and echoes UDP datagrams sent to port 7, each CPU on its own queue pair. A datagram
+//! to port 9 ends the run early.
 
 use super::net_common::{self as common, Counts};
 use crate::net::stack::Host;
@@ -19,7 +20,7 @@ fn serve_cpu(cpu: usize, _: usize) {
     let pair = dev.pair(cpu);
     let mut host = Host::new(dev.mac, setup.addr);
     let deadline = common::deadline_after_secs(setup.secs);
-    while x86::rdtsc() < deadline {
+    while x86::rdtsc() < deadline && !common::stopped() {
         if common::serve(pair, &mut host, &COUNTS, true, |_, _| {}) == 0 {
             common::wait_a_little(pair, deadline);
         }

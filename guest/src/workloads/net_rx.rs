@@ -1,6 +1,7 @@
 //! `workload=net-rx ip=A.B.C.D/N secs=N`: counts the UDP datagrams (and payload bytes) sent
 //! to the address for N seconds, each CPU on its own queue pair; answers ARP and ICMP echo.
-//! `pps` and `mbps` (payload bits) are over the time from the first datagram to the last.
+//! `pps` and `mbps` (payload bits) are over the time from the first datagram to the last. A
+//! datagram to port 9 ends the run early (it is not counted).
 
 use super::net_common::{self as common, Counts};
 use crate::net::stack::Host;
@@ -23,7 +24,7 @@ fn count_cpu(cpu: usize, _: usize) {
     let pair = dev.pair(cpu);
     let mut host = Host::new(dev.mac, setup.addr);
     let deadline = common::deadline_after_secs(setup.secs);
-    while x86::rdtsc() < deadline {
+    while x86::rdtsc() < deadline && !common::stopped() {
         let before = Counts::get(&COUNTS.udp);
         if common::serve(pair, &mut host, &COUNTS, false, |_, _| {}) == 0 {
             common::wait_a_little(pair, deadline);

@@ -34,7 +34,7 @@ use crate::counters::QueueCounters;
 use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 
 /// A transmit this soon after a receive counts as a reply.
-const REPLY_WINDOW: Duration = Duration::from_micros(200);
+const REPLY_WINDOW: Duration = Duration::from_micros(500);
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
 
@@ -501,6 +501,10 @@ impl NetHandler {
                     break;
                 }
                 let n = n as usize;
+                // Stamped before the guest can see the frame, so a reply's kick compares
+                // against this frame, not the previous one.
+                pair.last_rx_ns
+                    .store(self.clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 if n < self.hdr_len {
                     add(&self.stats.rx_dropped, 1);
                     continue;
@@ -550,10 +554,6 @@ impl NetHandler {
                     break;
                 }
             }
-        }
-        if frames > 0 {
-            pair.last_rx_ns
-                .store(self.clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         if used > 0 {
             if always_signal {
@@ -710,11 +710,9 @@ impl NetHandler {
     /// guest's kick suppressed: a reply posted meanwhile goes out from here, without the
     /// ~25 µs exit its kick would cost. When none comes, the pair stops doing this until a
     /// transmit again follows a receive closely.
+    /// Kicks must already be suppressed (`suppress_tx_kicks`); they are back on at return.
     fn wait_for_reply(&self, pair: &Pair) {
         let start = Instant::now();
-        if !self.suppress_tx_kicks(pair) {
-            return;
-        }
         let mut sent = 0;
         while start.elapsed() < self.reply_poll {
             if self.tx_available(pair) {
@@ -875,11 +873,15 @@ impl QueueHandler for NetHandler {
     fn process_completions(&self, queue: usize) {
         if let Some(pair) = self.pair_of(queue).filter(|p| queue == p.rx_index) {
             self.take_handoff(pair);
-            if self.rx_run(pair) > 0
-                && !self.reply_poll.is_zero()
+            // Kicks go quiet before the frames reach the guest: a polling guest can answer
+            // within a microsecond or two, before a later suppression would land.
+            let wait = !self.reply_poll.is_zero()
                 && pair.replies_follow.load(Ordering::Relaxed)
-            {
+                && self.suppress_tx_kicks(pair);
+            if self.rx_run(pair) > 0 && wait {
                 self.wait_for_reply(pair);
+            } else if wait {
+                self.tx_run(pair, TxMode::Drain);
             }
         }
     }
