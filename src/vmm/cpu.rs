@@ -49,10 +49,12 @@ pub fn host_is_pvm() -> bool {
 /// - `clearcpuid=...`: instructions Linux patches into its own CPL0 code when the CPU has
 ///   them (alternatives): `popcnt` in hweight (seen failing), and, by the same mechanism,
 ///   rdpid, rdtscp, wrgsbase (fsgsbase), stac/clac (smap), rdpkru (pku), invpcid, and
-///   cmpxchg16b (cx16).
+///   cmpxchg16b (cx16); and `ssse3`, which selects Linux's SIMD BLAKE2s (the entropy pool's
+///   hash) whose `kernel_fpu_begin` runs `ldmxcsr`, rejected by the emulator (seen failing
+///   while the initramfs is unpacked).
 pub const PVM_LINUX_KERNEL_ARGS: &[&str] = &[
     "noxsave",
-    "clearcpuid=popcnt,cx16,fsgsbase,rdpid,rdtscp,pku,smap,invpcid,pcid",
+    "clearcpuid=popcnt,cx16,fsgsbase,rdpid,rdtscp,pku,smap,invpcid,pcid,ssse3",
 ];
 
 /// (leaf, subleaf or None for all, register, bit, name): features the PVM emulator cannot run
