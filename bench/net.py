@@ -180,12 +180,17 @@ def main() -> None:
                 samples[name][f"echo {RTT_SIZE}B RTT p99 us"].append(p99)
                 print(f"round {rnd + 1} {name}: " + ", ".join(
                     f"{r}={samples[name][r][-1]:.0f}" for r in rows), file=sys.stderr, flush=True)
+            report(names, rows, samples, losses, rnd + 1, args.secs)
     finally:
         ns.close()
+
+
+def report(names, rows, samples, losses, rounds, secs) -> None:
+    """Writes the table and charts for the rounds so far (a cut-short run still leaves them)."""
     table = markdown_table(["metric", *names], [
         [r, *(summarise(samples[n][r]).fmt() for n in names)] for r in rows])
     loss_line = ", ".join(f"{n} {max(losses[n]):.2f}%" for n in names)
-    text = (f"virtio-net, 1 vCPU, UDP over tap, {args.rounds} interleaved rounds of {args.secs} s, "
+    text = (f"virtio-net, 1 vCPU, UDP over tap, {rounds} interleaved rounds of {secs} s, "
             f"median (min-max); Mbit/s = UDP payload\n\n{table}\n\n"
             f"largest guest-to-host loss (device took, host socket did not see): {loss_line}\n")
     print(text)

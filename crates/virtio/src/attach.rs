@@ -250,7 +250,7 @@ impl PciDevices {
             IoeventfdPolicy::Auto => (
                 false,
                 0,
-                Some(usize::from(config.tx_inline)),
+                (config.tx_inline > 0).then_some(usize::from(config.tx_inline)),
                 config.poll_us.unwrap_or(DEFAULT_REPLY_POLL_US),
             ),
         };
