@@ -15,7 +15,9 @@ from kvmbench import (  # noqa: E402
     svg_bar_chart,
 )
 
-TOUCHED_RE = re.compile(r"guest memory touched: (\d+) KiB")
+# kickvm reports these at exit (info level): mincore over guest RAM and its own VmHWM. The
+# VMM's own figure is used because ru_maxrss would include the launching process's pages.
+MEMORY_RE = re.compile(r"guest memory touched: (\d+) KiB; kickvm peak RSS (\d+) KiB, overhead (\d+) KiB")
 
 
 def main() -> None:
@@ -43,10 +45,10 @@ def main() -> None:
                 die(f"{name} exited {run.exit_code}:\n{run.output[-2000:]}")
             startup[name].append(run.first_result_s * 1000)
             if name == "kickvm":
-                rss_kib.append(run.max_rss_kib)
-                m = TOUCHED_RE.search(run.output)
+                m = MEMORY_RE.search(run.output)
                 if m:
-                    overhead_kib.append(run.max_rss_kib - int(m.group(1)))
+                    rss_kib.append(int(m.group(2)))
+                    overhead_kib.append(int(m.group(3)))
 
     rows = []
     for name, samples in startup.items():

@@ -324,6 +324,15 @@ impl Vm {
 
         let result = self.main_loop(&signals, terminal.is_some(), &handles);
         stop_vcpus(handles);
+        let touched_kib = memory::resident_bytes(&self.memory) >> 10;
+        match memory::peak_rss_kib() {
+            Some(peak) => log::info!(
+                "guest memory touched: {touched_kib} KiB; kickvm peak RSS {peak} KiB, \
+                 overhead {} KiB",
+                peak.saturating_sub(touched_kib)
+            ),
+            None => log::info!("guest memory touched: {touched_kib} KiB"),
+        }
         drop(terminal);
         result
     }
