@@ -16,18 +16,32 @@ pub const DEFAULT_REPLY_POLL_US: u32 = 30;
 /// `IoeventfdPolicy`), hence 0.
 pub const DEFAULT_TX_INLINE: u16 = 0;
 
-/// How kicks reach the device.
+/// How kicks reach the device, and what `auto` is.
 ///
-/// Measured on this host (PVM KVM, 2 cores; `bench/net.py`, see the README table):
-/// * `off` (sync exits): every TX kick is a ~25 µs exit during which the vCPU writes the
-///   frame itself; small-packet round trips are good because nothing hands over to another
-///   thread, but TX streams pay an exit per batch.
-/// * `on` (ioeventfd, no polling): the kick is cheaper for the vCPU, but each one wakes the
-///   I/O thread (~19 µs when a thread sleeps on the eventfd) and the echo reply waits for it.
-/// * `auto`: ioeventfd plus a bounded poll (`poll_us`, default 50 µs) after TX or RX
-///   activity, during which TX notifications stay off and the tap is read without waiting
-///   for epoll: a streaming guest stops kicking at all, and an echo reply posted right after
-///   an RX is picked up without a kick or a wake-up.
+/// What `bench/net.py` measured on the development host (PVM KVM, 2 cores, 1 vCPU whose guest
+/// spins while it waits, so one core is always the vCPU's; figures in the README):
+/// * `on` (ioeventfd) did not beat `off` (sync exits) on either axis here. Guest-to-host
+///   packet rates were lower in most rounds (e.g. 64 B: 17-30k vs 44-67k pps): with
+///   ioeventfd the I/O thread's `writev` and the host stack's work on those frames run on the
+///   one free core beside the receiving process, while a sync kick does them on the vCPU's
+///   core. The 200-byte echo round trip was a tie (median 105-118 µs vs 114-131 µs).
+/// * Tried for `auto` and dropped: ioeventfd plus the I/O thread's bounded poll (50 µs, TX
+///   kicks off meanwhile; still `on,poll_us=N`): round trips got worse (171 µs) because the
+///   poll burns the free core the host side needs. Sync kicks with bursts beyond 8 frames
+///   handed to the I/O thread (still `tx_inline=N`): 1400-byte streams fell to 9-13k pps
+///   against 30-60k for `off`, for the same reason.
+/// * `auto` (chosen): sync kicks, the vCPU sending whole bursts as `off` does, plus one thing
+///   neither plain mode has: after delivering frames the I/O thread suppresses TX kicks and
+///   waits up to `poll_us` (30 µs) for the guest's answer, sending it itself, so a reply costs
+///   the guest no exit. It only waits while transmits follow receives (request/response); a
+///   fruitless wait turns it off until a transmit again comes within 500 µs of a receive, so
+///   floods in either direction pay nothing. Echo round trips: median 24-45 µs in the runs
+///   where the I/O thread and the vCPU ran on different cores, against ~110 µs for `on` and
+///   `off`; but when the scheduler put both on one core the wait only delayed the reply
+///   (136-152 µs, every wait fruitless), so the I/O thread now waits only when it runs on
+///   another CPU than the last kick did, and `auto` is then `off` (93-118 µs vs 93-110 µs).
+///   In the 3-round table this gives `auto` the TX rates of `off` but no reliable round-trip
+///   win: the goal of beating both plain modes on every row is not met on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoeventfdPolicy {
     On,

@@ -15,7 +15,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,8 @@ struct Pair {
     last_rx_ns: AtomicU64,
     /// Transmits follow receives closely (request/response): wait for replies.
     replies_follow: AtomicBool,
+    /// The CPU the last TX kick ran on (the vCPU's, in sync mode); -1 before the first.
+    kick_cpu: AtomicI32,
 }
 
 /// How far one TX pass goes.
@@ -212,6 +214,7 @@ impl NetHandler {
                 tx_handed_off: AtomicBool::new(false),
                 last_rx_ns: AtomicU64::new(0),
                 replies_follow: AtomicBool::new(true),
+                kick_cpu: AtomicI32::new(-1),
             });
         }
         let handler = Self {
@@ -710,6 +713,14 @@ impl NetHandler {
     /// guest's kick suppressed: a reply posted meanwhile goes out from here, without the
     /// ~25 µs exit its kick would cost. When none comes, the pair stops doing this until a
     /// transmit again follows a receive closely.
+    /// Whether this (I/O) thread runs on the CPU the last TX kick came from: spinning there
+    /// would keep the vCPU, and so the reply, from running (measured: every wait fruitless).
+    fn on_the_vcpus_cpu(&self, pair: &Pair) -> bool {
+        // SAFETY: sched_getcpu has no arguments and no side effects.
+        let cpu = unsafe { libc::sched_getcpu() };
+        cpu >= 0 && cpu == pair.kick_cpu.load(Ordering::Relaxed)
+    }
+
     /// Kicks must already be suppressed (`suppress_tx_kicks`); they are back on at return.
     fn wait_for_reply(&self, pair: &Pair) {
         let start = Instant::now();
@@ -848,10 +859,15 @@ impl QueueHandler for NetHandler {
             return;
         };
         if queue == pair.tx_index {
-            if !self.reply_poll.is_zero() && self.since_rx(pair) < REPLY_WINDOW {
-                // A transmit right after a receive: request/response traffic, worth the
-                // I/O thread's short wait for the next reply.
-                pair.replies_follow.store(true, Ordering::Relaxed);
+            if !self.reply_poll.is_zero() {
+                // SAFETY: sched_getcpu has no arguments and no side effects.
+                let cpu = unsafe { libc::sched_getcpu() };
+                pair.kick_cpu.store(cpu, Ordering::Relaxed);
+                if self.since_rx(pair) < REPLY_WINDOW {
+                    // A transmit right after a receive: request/response traffic, worth the
+                    // I/O thread's short wait for the next reply.
+                    pair.replies_follow.store(true, Ordering::Relaxed);
+                }
             }
             let mode = match self.tx_inline {
                 Some(n) => TxMode::Inline(n),
@@ -877,6 +893,7 @@ impl QueueHandler for NetHandler {
             // within a microsecond or two, before a later suppression would land.
             let wait = !self.reply_poll.is_zero()
                 && pair.replies_follow.load(Ordering::Relaxed)
+                && !self.on_the_vcpus_cpu(pair)
                 && self.suppress_tx_kicks(pair);
             if self.rx_run(pair) > 0 && wait {
                 self.wait_for_reply(pair);
