@@ -9,6 +9,8 @@ use kvm_ioctls::VmFd;
 
 use crate::vmm::memory::GuestMemoryMmap;
 
+// The VM's handles plus one list per device kind; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn attach(
     vm_fd: &Arc<VmFd>,
     memory: &GuestMemoryMmap,
