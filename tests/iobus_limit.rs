@@ -116,7 +116,7 @@ fn kvm_refusing_the_registration_leaves_the_device_in_sync_mode_with_the_reason(
 
     let counters: Arc<[QueueCounters]> = (0..QUEUES).map(|_| QueueCounters::default()).collect();
     let io_thread = Arc::new(
-        IoThread::spawn("iobus-test", counters.clone(), Duration::ZERO).expect("I/O thread"),
+        IoThread::spawn("iobus-test", counters.clone(), Duration::ZERO, false).expect("I/O thread"),
     );
     let kicks: Vec<Arc<EventFd>> = (0..QUEUES)
         .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
