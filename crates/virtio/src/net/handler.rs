@@ -130,6 +130,8 @@ pub struct NetHandler {
     /// How long the I/O thread watches for a reply after delivering frames (zero: never).
     reply_poll: Duration,
     clock: Instant,
+    /// VM paused: no frame moves in either direction until resume.
+    paused: AtomicBool,
     pub stats: NetStats,
 }
 
@@ -232,6 +234,7 @@ impl NetHandler {
             tx_inline,
             reply_poll,
             clock: Instant::now(),
+            paused: AtomicBool::new(false),
             stats: NetStats::default(),
         };
         // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
@@ -850,6 +853,9 @@ impl NetHandler {
 
 impl QueueHandler for NetHandler {
     fn process_queue(&self, queue: usize) {
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
         if Some(queue) == self.ctrl_index {
             self.ctrl_run();
             return;
@@ -888,6 +894,12 @@ impl QueueHandler for NetHandler {
     /// so the wait for a reply never keeps a vCPU from its guest.
     fn process_completions(&self, queue: usize) {
         if let Some(pair) = self.pair_of(queue).filter(|p| queue == p.rx_index) {
+            if self.paused.load(Ordering::SeqCst) {
+                // Quiet the readiness descriptor so the I/O thread sleeps; a handed-off TX
+                // burst stays flagged and goes out when resume looks at the queues.
+                let _ = pair.handoff.read();
+                return;
+            }
             self.take_handoff(pair);
             // Kicks go quiet before the frames reach the guest: a polling guest can answer
             // within a microsecond or two, before a later suppression would land.
@@ -904,6 +916,9 @@ impl QueueHandler for NetHandler {
     }
 
     fn poll_queue(&self, queue: usize) -> bool {
+        if self.paused.load(Ordering::SeqCst) {
+            return false;
+        }
         if Some(queue) == self.ctrl_index {
             self.ctrl_run();
             return false;
@@ -915,8 +930,27 @@ impl QueueHandler for NetHandler {
     }
 
     fn rearm(&self, queue: usize) {
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(pair) = self.pair_of(queue) {
             self.tx_run(pair, TxMode::Drain);
+        }
+    }
+
+    /// Pause stops the tap feeding the guest as well as the rings feeding the tap: the tap
+    /// leaves the I/O thread's watch (frames wait in it, bounded, as when the guest has no
+    /// buffers), and taking each queue's lock waits out a pass already under way. Resume looks
+    /// at every queue, which watches the tap again where buffers are posted.
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if paused {
+            for pair in &self.pairs {
+                drop(pair.rx.lock().unwrap());
+                drop(pair.tx.lock().unwrap());
+                self.watch_tap(pair, false);
+            }
+            drop(self.ctrl.lock().unwrap());
         }
     }
 
