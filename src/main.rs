@@ -121,7 +121,7 @@ fn run(config: VmConfig) -> i32 {
                 VmExitReason::Signal(signal) => {
                     eprintln!("kickvm: stopped by signal {signal}")
                 }
-                VmExitReason::ApiShutdown => log::info!("vm.shutdown: VM ended"),
+                VmExitReason::ApiShutdown => log::info!("vm.shutdown: grace period over: VM ended"),
                 VmExitReason::ApiKill => log::info!("vm.kill: VM ended"),
             }
             reason.exit_code()

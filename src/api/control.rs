@@ -11,8 +11,13 @@
 //! Resume undoes it in the order that loses no kick: devices first (rings open, ioeventfds
 //! registered again, kept kicks re-signalled, every queue looked at once), vCPUs last, so a
 //! guest write to a doorbell always finds it in its final mode.
+//!
+//! Shutdown asks the guest: it presses the ACPI power button (the GED's event, see
+//! `devices::acpi`) and the guest powers off through ACPI S5 when it is done. Given a grace
+//! period, the main loop ends a guest that has not powered off by then, the way a pause
+//! would stop it (in-flight I/O completes first).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kickvm_virtio::notifier::{NotifyMode, SyncReason};
 use kickvm_virtio::PciDevices;
@@ -20,6 +25,7 @@ use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::server::{ApiResponse, VmAction};
+use crate::devices::acpi::GedEvents;
 use crate::vmm::exit::{ExitNotifier, VmExitReason};
 use crate::vmm::memory::GuestMemoryMmap;
 use crate::vmm::vcpu::{ExitKind, VcpuHandle};
@@ -45,10 +51,13 @@ pub struct VmView<'a> {
     pub pci: &'a PciDevices,
     pub exit: &'a ExitNotifier,
     pub memory: &'a GuestMemoryMmap,
+    pub ged: &'a GedEvents,
 }
 
 pub struct RunControl {
     state: RunState,
+    /// When a `vm.shutdown` with a grace period ends a guest that did not power off.
+    shutdown_deadline: Option<Instant>,
 }
 
 impl Default for RunControl {
@@ -61,7 +70,24 @@ impl RunControl {
     pub fn new() -> Self {
         Self {
             state: RunState::Running,
+            shutdown_deadline: None,
         }
+    }
+
+    /// The instant the main loop must call [`RunControl::shutdown_grace_expired`] at.
+    pub fn shutdown_deadline(&self) -> Option<Instant> {
+        self.shutdown_deadline
+    }
+
+    /// The guest did not power off within the grace period `vm.shutdown` gave it: quiesce the
+    /// VM so every request it submitted has completed, then end it.
+    pub fn shutdown_grace_expired(&mut self, vm: &VmView) {
+        self.shutdown_deadline = None;
+        log::warn!("vm.shutdown: the guest did not power off within its grace period; ending it");
+        if self.state == RunState::Running && self.pause(vm).status != 204 {
+            log::warn!("vm.shutdown: the pause before ending was incomplete");
+        }
+        vm.exit.notify(VmExitReason::ApiShutdown);
     }
 
     pub fn state(&self) -> RunState {
@@ -85,18 +111,7 @@ impl RunControl {
                 self.resume(vm);
                 ApiResponse::no_content()
             }
-            VmAction::Shutdown => {
-                // No guest-visible shutdown request exists (no ACPI power button): quiesce the
-                // VM so every request the guest submitted has completed, then end it.
-                if self.state == RunState::Running {
-                    let response = self.pause(vm);
-                    if response.status != 204 {
-                        log::warn!("vm.shutdown: the pause before ending was incomplete");
-                    }
-                }
-                vm.exit.notify(VmExitReason::ApiShutdown);
-                ApiResponse::no_content()
-            }
+            VmAction::Shutdown { grace } => self.shutdown(vm, *grace),
             VmAction::Kill => {
                 vm.exit.notify(VmExitReason::ApiKill);
                 ApiResponse::no_content()
@@ -109,6 +124,42 @@ impl RunControl {
                 device.set_ioeventfd(*on);
                 ApiResponse::ok(device_info(id, &device))
             }
+        }
+    }
+
+    fn shutdown(&mut self, vm: &VmView, grace: Option<Duration>) -> ApiResponse {
+        if self.state == RunState::Paused {
+            return ApiResponse::error(
+                409,
+                "the VM is paused, so the guest cannot shut down: resume it first, or use vm.kill",
+            );
+        }
+        if let Err(e) = vm.ged.press_power_button() {
+            return ApiResponse::error(500, format!("cannot raise the GED interrupt: {e}"));
+        }
+        if let Some(grace) = grace {
+            let deadline = Instant::now() + grace;
+            // A second request may shorten the grace period, never extend it.
+            self.shutdown_deadline = Some(match self.shutdown_deadline {
+                Some(earlier) => earlier.min(deadline),
+                None => deadline,
+            });
+        }
+        log::info!(
+            "vm.shutdown: ACPI power button pressed{}",
+            grace.map_or(String::new(), |g| format!(
+                "; the VM ends in {} s unless the guest powers off",
+                g.as_secs()
+            ))
+        );
+        let (presses, taken) = vm.ged.presses();
+        ApiResponse {
+            status: 202,
+            body: Some(json!({
+                "requested": "acpi-power-button",
+                "timeout_secs": grace.map(|g| g.as_secs()),
+                "power_button": { "presses": presses, "taken_by_guest": taken },
+            })),
         }
     }
 
@@ -160,11 +211,16 @@ impl RunControl {
             .devices()
             .map(|(id, device)| device_info(id, &device.lock().unwrap()))
             .collect();
+        let (presses, taken) = vm.ged.presses();
         json!({
             "state": self.state.name(),
             "vcpus": vm.vcpus.len(),
             "memory_bytes": memory_bytes,
             "devices": devices,
+            "power_button": { "presses": presses, "taken_by_guest": taken },
+            "shutdown_deadline_secs": self
+                .shutdown_deadline
+                .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
         })
     }
 }

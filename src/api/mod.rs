@@ -7,7 +7,7 @@
 //! | `GET /api/v1/vm.counters` | 200: per-vCPU exits by reason, per-queue kicks, requests, bytes, interrupts |
 //! | `PUT /api/v1/vm.pause` | 204 once the VM is quiescent; 409 if already paused |
 //! | `PUT /api/v1/vm.resume` | 204; 409 if not paused |
-//! | `PUT /api/v1/vm.shutdown` | 204: pause (in-flight I/O completes), then the VM ends (exit 0) |
+//! | `PUT /api/v1/vm.shutdown` [`{"timeout_secs": N}`] | 202: the ACPI power button is pressed (the guest shuts down and powers off; exit 0); with `timeout_secs`, a guest still running N s later is paused (in-flight I/O completes) and ended; 409 if paused |
 //! | `PUT /api/v1/vm.kill` | 204: the VM ends at once (exit 0) |
 //! | `PUT /api/v1/vm.device-ioeventfd` `{"id": "disk0", "ioeventfd": "on"\|"off"}` | 200: the device's info |
 //!

@@ -30,9 +30,16 @@ pub enum VmAction {
     Counters,
     Pause,
     Resume,
-    Shutdown,
+    /// Press the ACPI power button; with a grace period, end the VM if the guest has not
+    /// powered off by then.
+    Shutdown {
+        grace: Option<Duration>,
+    },
     Kill,
-    SetIoeventfd { id: String, on: bool },
+    SetIoeventfd {
+        id: String,
+        on: bool,
+    },
 }
 
 /// An HTTP status with an optional JSON body.
@@ -285,7 +292,7 @@ pub fn route(request: &Request) -> Result<VmAction, ApiResponse> {
         "vm.counters" => ("GET", VmAction::Counters),
         "vm.pause" => ("PUT", VmAction::Pause),
         "vm.resume" => ("PUT", VmAction::Resume),
-        "vm.shutdown" => ("PUT", VmAction::Shutdown),
+        "vm.shutdown" => ("PUT", parse_shutdown_body(request)?),
         "vm.kill" => ("PUT", VmAction::Kill),
         "vm.device-ioeventfd" => ("PUT", parse_ioeventfd_body(request)?),
         _ => {
@@ -306,6 +313,40 @@ pub fn route(request: &Request) -> Result<VmAction, ApiResponse> {
         ));
     }
     Ok(action)
+}
+
+/// The longest grace period `vm.shutdown` accepts (a day): beyond it, a typo is likelier.
+const MAX_SHUTDOWN_GRACE_SECS: u64 = 86_400;
+
+/// `vm.shutdown` takes no body, or `{"timeout_secs": N}`.
+fn parse_shutdown_body(request: &Request) -> Result<VmAction, ApiResponse> {
+    if request.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(VmAction::Shutdown { grace: None });
+    }
+    let bad = |message: String| ApiResponse::error(400, message);
+    let value: Value =
+        serde_json::from_slice(&request.body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad("body must be a JSON object".into()))?;
+    if let Some(key) = object.keys().find(|k| *k != "timeout_secs") {
+        return Err(bad(format!(
+            "unknown field `{key}` (expected `timeout_secs`)"
+        )));
+    }
+    let grace = match object.get("timeout_secs") {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(secs) if secs <= MAX_SHUTDOWN_GRACE_SECS => Some(Duration::from_secs(secs)),
+            _ => {
+                return Err(bad(format!(
+                    "`timeout_secs` must be a whole number of seconds from 0 to \
+                     {MAX_SHUTDOWN_GRACE_SECS}, not {value}"
+                )))
+            }
+        },
+    };
+    Ok(VmAction::Shutdown { grace })
 }
 
 fn parse_ioeventfd_body(request: &Request) -> Result<VmAction, ApiResponse> {
@@ -371,7 +412,21 @@ mod tests {
         assert_eq!(ok("GET", "/api/v1/vm.counters"), VmAction::Counters);
         assert_eq!(ok("PUT", "/api/v1/vm.pause"), VmAction::Pause);
         assert_eq!(ok("PUT", "/api/v1/vm.resume"), VmAction::Resume);
-        assert_eq!(ok("PUT", "/api/v1/vm.shutdown"), VmAction::Shutdown);
+        assert_eq!(
+            ok("PUT", "/api/v1/vm.shutdown"),
+            VmAction::Shutdown { grace: None }
+        );
+        assert_eq!(
+            route(&request(
+                "PUT",
+                "/api/v1/vm.shutdown",
+                r#"{"timeout_secs": 30}"#
+            ))
+            .unwrap(),
+            VmAction::Shutdown {
+                grace: Some(Duration::from_secs(30))
+            }
+        );
         assert_eq!(ok("PUT", "/api/v1/vm.kill"), VmAction::Kill);
         assert_eq!(
             route(&request(
@@ -408,6 +463,22 @@ mod tests {
             r#"{"id": "disk0"}"#,
             r#"{"id": "disk0", "ioeventfd": "maybe"}"#,
             r#"{"id": "disk0", "ioeventfd": "on", "extra": 1}"#,
+        ] {
+            assert_eq!(status("PUT", path, body), 400, "{body}");
+        }
+    }
+
+    #[test]
+    fn bad_shutdown_bodies_are_400() {
+        let path = "/api/v1/vm.shutdown";
+        for body in [
+            "not json",
+            "[1]",
+            r#"{"timeout_secs": -1}"#,
+            r#"{"timeout_secs": 1.5}"#,
+            r#"{"timeout_secs": "10"}"#,
+            r#"{"timeout_secs": 86401}"#,
+            r#"{"timeout": 10}"#,
         ] {
             assert_eq!(status("PUT", path, body), 400, "{body}");
         }

@@ -26,7 +26,8 @@ pub enum VmExitReason {
     },
     /// The VMM received a termination signal.
     Signal(i32),
-    /// `vm.shutdown` on the control API: the VM was paused (I/O quiescent), then ended.
+    /// `vm.shutdown` with a grace period the guest let pass: the VM was paused (I/O
+    /// quiescent), then ended.
     ApiShutdown,
     /// `vm.kill` on the control API: the VM was ended at once.
     ApiKill,

@@ -78,6 +78,11 @@ pub const I8042_PORT_LEN: u64 = 5;
 pub const ACPI_SHUTDOWN_PORT: u64 = 0x600;
 /// Sleep control (0x600) and sleep status (0x601) registers of the hardware-reduced FADT.
 pub const ACPI_SHUTDOWN_PORT_LEN: u64 = 2;
+/// The Generic Event Device's event register (read clears it); the DSDT names it.
+pub const ACPI_GED_PORT: u64 = 0x602;
+pub const ACPI_GED_PORT_LEN: u64 = 1;
+/// The GED's interrupt: an otherwise unused ISA pin, edge-triggered, active high (DSDT `_CRS`).
+pub const ACPI_GED_GSI: u32 = 5;
 
 /// GSIs 0..23 are IOAPIC pins; MSI routes are allocated from here upward.
 pub const IOAPIC_PINS: u32 = 24;

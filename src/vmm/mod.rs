@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cli::{CpuProfile, SerialConfig, VmConfig};
-use crate::devices::acpi::AcpiShutdown;
+use crate::devices::acpi::{AcpiGed, AcpiShutdown, GedEvents};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use boot::{BootConfig, BootError};
@@ -109,6 +109,8 @@ pub struct Vm {
     exit: Arc<ExitNotifier>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     serial_to_stdout: bool,
+    /// The ACPI power button (through the GED) with which `vm.shutdown` asks the guest.
+    ged: Arc<GedEvents>,
     vcpus: Vec<VcpuFd>,
     /// PCI root, GSI routing and the virtio devices; their I/O threads live as long as this.
     pci: kickvm_virtio::PciDevices,
@@ -192,6 +194,19 @@ impl Vm {
             layout::ACPI_SHUTDOWN_PORT,
             layout::ACPI_SHUTDOWN_PORT_LEN,
         )?;
+        let ged_interrupt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("creating the GED irqfd"))?;
+        vm_fd
+            .register_irqfd(&ged_interrupt, layout::ACPI_GED_GSI)
+            .map_err(kvm_err("KVM_IRQFD (ACPI GED)"))?;
+        let ged = Arc::new(GedEvents::new(ged_interrupt));
+        insert_pio(
+            &pio_bus,
+            Arc::new(Mutex::new(AcpiGed::new(ged.clone()))),
+            "ACPI generic event device",
+            layout::ACPI_GED_PORT,
+            layout::ACPI_GED_PORT_LEN,
+        )?;
 
         let vm_fd = Arc::new(vm_fd);
         let pci = crate::devices::pci_devices::attach(
@@ -253,6 +268,7 @@ impl Vm {
             exit,
             serial,
             serial_to_stdout,
+            ged,
             vcpus,
             pci,
             api: None,
@@ -370,7 +386,16 @@ impl Vm {
 
         let mut events = [EpollEvent::default(); 4];
         loop {
-            let count = match epoll.wait(-1, &mut events) {
+            let timeout_ms = run_control.shutdown_deadline().map_or(-1, |deadline| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                // Rounded up, so the wait does not end just before the deadline.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
+            if timeout_ms == 0 {
+                run_control.shutdown_grace_expired(&self.api_view(handles));
+                continue;
+            }
+            let count = match epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(host_err("epoll_wait")(e)),
@@ -397,16 +422,21 @@ impl Vm {
         }
     }
 
-    /// Carries out the control API's waiting requests (pause and resume block this thread
-    /// until the VM is quiescent / running again).
-    fn serve_api(&self, run_control: &mut crate::api::RunControl, handles: &[VcpuHandle]) {
-        let Some(api) = &self.api else { return };
-        let view = crate::api::VmView {
+    fn api_view<'a>(&'a self, handles: &'a [VcpuHandle]) -> crate::api::VmView<'a> {
+        crate::api::VmView {
             vcpus: handles,
             pci: &self.pci,
             exit: &self.exit,
             memory: &self.memory,
-        };
+            ged: &self.ged,
+        }
+    }
+
+    /// Carries out the control API's waiting requests (pause and resume block this thread
+    /// until the VM is quiescent / running again).
+    fn serve_api(&self, run_control: &mut crate::api::RunControl, handles: &[VcpuHandle]) {
+        let Some(api) = &self.api else { return };
+        let view = self.api_view(handles);
         for request in api.take_requests() {
             let response = run_control.execute(&request.action, &view);
             request.respond(response);

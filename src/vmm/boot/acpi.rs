@@ -1,8 +1,12 @@
 //! Minimal ACPI tables: RSDP -> XSDT -> {FADT -> DSDT, MADT}. Many kernels (Debian's cloud
 //! kernel among them) are built without MP-table parsing and learn their CPUs only from the
 //! MADT. The FADT declares a hardware-reduced platform whose sleep-control register is the
-//! port at 0x600 (writing SLP_TYP=5|SLP_EN powers off); the DSDT defines `_S5` for that.
+//! port at 0x600 (writing SLP_TYP=5|SLP_EN powers off); the DSDT defines `_S5` for that, and
+//! the Generic Event Device and power button through which `vm.shutdown` asks the guest to
+//! shut down (`devices::acpi`).
 
+use acpi_tables::aml;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
@@ -39,6 +43,93 @@ const ALL_PROCESSORS: u8 = 0xff;
 const DSDT_S5_AML: &[u8] = &[
     0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00,
 ];
+
+/// The notification a control-method power button sends when pressed (ACPI 6.5, 4.8.3.1).
+const POWER_BUTTON_PRESSED: usize = 0x80;
+
+/// `\_SB.PWRB`, a control-method power button, and `\_SB.GED_`, the Generic Event Device
+/// whose `_EVT` reads the event register and notifies the button:
+///
+/// ```text
+/// Device (GED_) {
+///     Name (_HID, "ACPI0013")
+///     Name (_CRS, ResourceTemplate () { Interrupt (Edge, ActiveHigh, Exclusive) { GSI } })
+///     OperationRegion (GDST, SystemIO, ACPI_GED_PORT, 1)
+///     Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }
+///     Method (_EVT, 1, Serialized) {
+///         Local0 = GDAT
+///         If ((Local0 & 1) == 1) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// ```
+fn power_button_aml() -> Vec<u8> {
+    let zero = aml::ZERO;
+    let button_hid = aml::EISAName::new("PNP0C0C");
+    let ged_hid = "ACPI0013";
+    let interrupt = aml::Interrupt::new(true, true, false, false, layout::ACPI_GED_GSI);
+    let resources = aml::ResourceTemplate::new(vec![&interrupt]);
+    let port = layout::ACPI_GED_PORT as usize;
+    let port_len = layout::ACPI_GED_PORT_LEN as usize;
+    let events = aml::Local(0);
+    let event_bits = aml::Path::new("GDAT");
+    let power_bit: usize = crate::devices::acpi::GED_EVENT_POWER_BUTTON.into();
+    let masked = aml::And::new(&zero, &events, &power_bit);
+    let button_path = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button_path, &POWER_BUTTON_PRESSED);
+
+    let mut bytes = Vec::new();
+    // One statement: the AML builders borrow their children, which live until its end.
+    aml::Scope::new(
+        aml::Path::new("\\_SB_"),
+        vec![
+            &aml::Device::new(
+                aml::Path::new("PWRB"),
+                vec![
+                    &aml::Name::new(aml::Path::new("_HID"), &button_hid),
+                    &aml::Name::new(aml::Path::new("_UID"), &zero),
+                ],
+            ),
+            &aml::Device::new(
+                aml::Path::new("GED_"),
+                vec![
+                    &aml::Name::new(aml::Path::new("_HID"), &ged_hid),
+                    &aml::Name::new(aml::Path::new("_UID"), &zero),
+                    &aml::Name::new(aml::Path::new("_CRS"), &resources),
+                    &aml::OpRegion::new(
+                        aml::Path::new("GDST"),
+                        aml::OpRegionSpace::SystemIO,
+                        &port,
+                        &port_len,
+                    ),
+                    &aml::Field::new(
+                        aml::Path::new("GDST"),
+                        aml::FieldAccessType::Byte,
+                        aml::FieldLockRule::NoLock,
+                        aml::FieldUpdateRule::WriteAsZeroes,
+                        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+                    ),
+                    &aml::Method::new(
+                        aml::Path::new("_EVT"),
+                        1,
+                        true,
+                        vec![
+                            &aml::Store::new(&events, &event_bits),
+                            &aml::If::new(&aml::Equal::new(&masked, &power_bit), vec![&notify]),
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut body = DSDT_S5_AML.to_vec();
+    body.extend_from_slice(&power_button_aml());
+    table(b"DSDT", 2, &body)
+}
 
 fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
@@ -127,7 +218,7 @@ pub fn build(base: u64, cpus: u8) -> Vec<(u64, Vec<u8>)> {
     let align = |addr: u64| addr.next_multiple_of(16);
     let rsdp_addr = base;
     let dsdt_addr = align(rsdp_addr + 36);
-    let dsdt = table(b"DSDT", 2, DSDT_S5_AML);
+    let dsdt = dsdt();
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -216,6 +307,31 @@ mod tests {
             assert_eq!(entry[3] as usize, id);
             assert_eq!(entry[4] & 1, 1);
         }
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_the_ged_with_its_interrupt_and_register() {
+        let dsdt = dsdt();
+        let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"ACPI0013\0"), "the GED's _HID");
+        // EisaId ("PNP0C0C") compressed: 0x41D00C0C as the AML DWord 0x0C0CD041.
+        assert!(
+            contains(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]),
+            "the power button's _HID"
+        );
+        let mut interrupt = vec![0x89, 6, 0, 0b0011, 1];
+        interrupt.extend_from_slice(&layout::ACPI_GED_GSI.to_le_bytes());
+        assert!(
+            contains(&interrupt),
+            "an edge, active-high interrupt on the GED's GSI"
+        );
+        let port = (layout::ACPI_GED_PORT as u16).to_le_bytes();
+        assert!(
+            contains(&[b'G', b'D', b'S', b'T', 0x01, 0x0b, port[0], port[1]]),
+            "a SystemIO region at the event register"
+        );
+        assert!(contains(b"_EVT"));
+        assert_eq!(sum(&dsdt), 0);
     }
 
     #[test]
