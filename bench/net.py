@@ -6,6 +6,7 @@ same guest ELF, 1 vCPU, in a throwaway network namespace. Rounds are interleaved
 once per round); medians with min-max.
 
 usage: bench/net.py [--rounds N] [--secs N] [--rtt-samples N] [--settings a,b,...]
+                    [--only g2h,h2g,echo] [--sizes 64,200,1400]
 """
 
 import argparse
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--rtt-samples", type=int, default=2000)
     ap.add_argument("--settings", default="")
     ap.add_argument("--poll-us", type=int, default=None, help="kickvm-auto's poll_us (default: kickvm's)")
+    ap.add_argument("--only", default="g2h,h2g,echo", help="which measurements (g2h, h2g, echo)")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="payload sizes for g2h/h2g")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if not args.no_build:
@@ -159,25 +162,33 @@ def main() -> None:
     try:
         all_settings = settings(ns, args.poll_us)
         names = [n for n in all_settings if not args.settings or n in args.settings.split(",")]
-        rows = ([f"g2h {s}B pps" for s in SIZES] + [f"g2h {s}B Mbit/s" for s in SIZES]
-                + [f"h2g {s}B pps" for s in SIZES] + [f"h2g {s}B Mbit/s" for s in SIZES]
-                + [f"echo {RTT_SIZE}B RTT median us", f"echo {RTT_SIZE}B RTT p99 us"])
+        only = set(args.only.split(","))
+        sizes = [int(s) for s in args.sizes.split(",")]
+        rows = []
+        for kind in ("g2h", "h2g"):
+            if kind in only:
+                rows += [f"{kind} {s}B pps" for s in sizes] + [f"{kind} {s}B Mbit/s" for s in sizes]
+        if "echo" in only:
+            rows += [f"echo {RTT_SIZE}B RTT median us", f"echo {RTT_SIZE}B RTT p99 us"]
         samples = {n: {r: [] for r in rows} for n in names}
         losses = {n: [] for n in names}
         for rnd in range(args.rounds):
             for name in names:
                 make = all_settings[name]
-                for size in SIZES:
-                    pps, mbps, loss = guest_to_host(ns, make, size, args.secs)
-                    samples[name][f"g2h {size}B pps"].append(pps)
-                    samples[name][f"g2h {size}B Mbit/s"].append(mbps)
-                    losses[name].append(loss)
-                    pps, mbps = host_to_guest(ns, make, size, args.secs)
-                    samples[name][f"h2g {size}B pps"].append(pps)
-                    samples[name][f"h2g {size}B Mbit/s"].append(mbps)
-                med, p99 = echo_rtt(ns, make, args.rtt_samples)
-                samples[name][f"echo {RTT_SIZE}B RTT median us"].append(med)
-                samples[name][f"echo {RTT_SIZE}B RTT p99 us"].append(p99)
+                for size in sizes:
+                    if "g2h" in only:
+                        pps, mbps, loss = guest_to_host(ns, make, size, args.secs)
+                        samples[name][f"g2h {size}B pps"].append(pps)
+                        samples[name][f"g2h {size}B Mbit/s"].append(mbps)
+                        losses[name].append(loss)
+                    if "h2g" in only:
+                        pps, mbps = host_to_guest(ns, make, size, args.secs)
+                        samples[name][f"h2g {size}B pps"].append(pps)
+                        samples[name][f"h2g {size}B Mbit/s"].append(mbps)
+                if "echo" in only:
+                    med, p99 = echo_rtt(ns, make, args.rtt_samples)
+                    samples[name][f"echo {RTT_SIZE}B RTT median us"].append(med)
+                    samples[name][f"echo {RTT_SIZE}B RTT p99 us"].append(p99)
                 print(f"round {rnd + 1} {name}: " + ", ".join(
                     f"{r}={samples[name][r][-1]:.0f}" for r in rows), file=sys.stderr, flush=True)
             report(names, rows, samples, losses, rnd + 1, args.secs)
@@ -189,7 +200,7 @@ def report(names, rows, samples, losses, rounds, secs) -> None:
     """Writes the table and charts for the rounds so far (a cut-short run still leaves them)."""
     table = markdown_table(["metric", *names], [
         [r, *(summarise(samples[n][r]).fmt() for n in names)] for r in rows])
-    loss_line = ", ".join(f"{n} {max(losses[n]):.2f}%" for n in names)
+    loss_line = ", ".join(f"{n} {max(losses[n]):.2f}%" for n in names if losses[n])
     text = (f"virtio-net, 1 vCPU, UDP over tap, {rounds} interleaved rounds of {secs} s, "
             f"median (min-max); Mbit/s = UDP payload\n\n{table}\n\n"
             f"largest guest-to-host loss (device took, host socket did not see): {loss_line}\n")

@@ -57,6 +57,14 @@ fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Whether the driver's available index is more than a ring ahead of what the device took
+/// (or unreadable): `pop_descriptor_chain` then refuses the ring, so waiting cannot help.
+fn avail_out_of_range(mem: &GuestMemoryMmap, queue: &Queue) -> bool {
+    queue.avail_idx(mem, Ordering::Acquire).map_or(true, |idx| {
+        idx.0.wrapping_sub(queue.next_avail()) > queue.size()
+    })
+}
+
 struct RxQueue {
     queue: Queue,
     /// Header and frame read from the tap; `pending` bytes of it wait for buffers.
@@ -316,6 +324,9 @@ impl NetHandler {
         let mut sent = 0;
         let mut used = 0;
         let mut handed_off = false;
+        // Passes that found the ring non-empty yet popped nothing (bounded: a ring pop keeps
+        // refusing would otherwise spin here).
+        let mut empty_passes = 0;
         let keep_quiet = mode == TxMode::Quiet;
         let inline = match mode {
             TxMode::Inline(n) => n,
@@ -359,7 +370,19 @@ impl NetHandler {
                 }
                 match tx.queue.enable_notification(&self.mem) {
                     Ok(false) => return Ok(()),
-                    Ok(true) if popped == 0 => return Err("available index out of range"),
+                    // Nothing popped yet more is available: either the driver published
+                    // between the empty pop and this re-check (a kick it suppressed, or the
+                    // reply wait's timeout, meets its next frame here: go round again), or
+                    // its index is more than a ring ahead, which pop refuses for good.
+                    Ok(true)
+                        if popped == 0
+                            && (avail_out_of_range(&self.mem, &tx.queue) || {
+                                empty_passes += 1;
+                                empty_passes > 2
+                            }) =>
+                    {
+                        return Err("available index out of range")
+                    }
                     Ok(true) => {
                         let _ = tx.queue.disable_notification(&self.mem);
                     }
