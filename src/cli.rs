@@ -59,8 +59,13 @@ pub enum RemoteCommandArgs {
     Pause,
     /// Undo pause.
     Resume,
-    /// Pause (requests in flight complete), then end the VM.
-    Shutdown,
+    /// Ask the guest to shut down (ACPI power button); it powers off when done.
+    Shutdown {
+        /// End the VM (requests in flight complete first) if the guest is still running this
+        /// many seconds later.
+        #[arg(long, value_name = "SECS")]
+        timeout_secs: Option<u64>,
+    },
     /// End the VM at once.
     Kill,
     /// Switch a device's ioeventfd on or off at run time.
@@ -83,7 +88,7 @@ impl From<RemoteCommandArgs> for crate::remote::RemoteCommand {
             RemoteCommandArgs::Info => R::Info,
             RemoteCommandArgs::Pause => R::Pause,
             RemoteCommandArgs::Resume => R::Resume,
-            RemoteCommandArgs::Shutdown => R::Shutdown,
+            RemoteCommandArgs::Shutdown { timeout_secs } => R::Shutdown { timeout_secs },
             RemoteCommandArgs::Kill => R::Kill,
             RemoteCommandArgs::Ioeventfd { device, state } => R::Ioeventfd {
                 device,

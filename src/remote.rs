@@ -18,7 +18,9 @@ pub enum RemoteCommand {
     Info,
     Pause,
     Resume,
-    Shutdown,
+    Shutdown {
+        timeout_secs: Option<u64>,
+    },
     Kill,
     Ioeventfd {
         device: String,
@@ -132,8 +134,10 @@ pub fn run(socket: &Path, command: &RemoteCommand) -> Result<String, RemoteError
             call(socket, "PUT", "vm.resume", None)?;
             String::new()
         }
-        RemoteCommand::Shutdown => {
-            call(socket, "PUT", "vm.shutdown", None)?;
+        RemoteCommand::Shutdown { timeout_secs } => {
+            let body =
+                timeout_secs.map(|secs| serde_json::json!({ "timeout_secs": secs }).to_string());
+            call(socket, "PUT", "vm.shutdown", body.as_deref())?;
             String::new()
         }
         RemoteCommand::Kill => {

@@ -4,6 +4,7 @@
 //! and signals remove the socket. Needs /dev/kvm.
 
 mod api_vm;
+mod blk_pattern;
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -30,6 +31,22 @@ fn idle_vm(name: &str) -> ApiVm {
         "",
         &["--cpus", "2", "--disk", &disk_a, "--disk", &disk_b],
     )
+}
+
+/// Waits until the guest's drivers have started every device (the API answers as soon as
+/// kickvm starts; the guest gets there a little later).
+fn wait_for_drivers(vm: &ApiVm, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while vm.info()["devices"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|d| d["active"] != true))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's drivers did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn assert_error(answer: (u16, Value), status: u16, fragment: &str, what: &str) {
@@ -234,12 +251,127 @@ fn info_names_each_device_with_its_transport_and_each_queue_with_its_notify_mode
 }
 
 #[test]
-fn shutdown_pauses_and_ends_the_vm_and_removes_the_socket() {
-    let mut vm = idle_vm("api-shutdown");
-    assert_eq!(vm.call("PUT", "vm.shutdown", None).0, 204);
+fn shutdown_presses_the_power_button_and_the_guest_powers_off() {
+    let mut vm = ApiVm::start(
+        "api-shutdown",
+        common::test_guest(),
+        "workload=idle",
+        &["--cpus", "2"],
+    );
+    assert_eq!(
+        vm.info()["power_button"],
+        serde_json::json!({"presses": 0, "taken_by_guest": 0})
+    );
+    let (status, body) = vm.call("PUT", "vm.shutdown", None);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["requested"], "acpi-power-button");
     let output = vm.finish(Duration::from_secs(30));
     output.assert_exit_code(0);
+    let result = output.result("idle");
+    assert_eq!(result["status"], "ok", "{output}");
+    assert_eq!(result["ended"], "power-button", "{output}");
+    assert!(
+        !output.stderr.contains("grace period"),
+        "the guest powered off by itself, no grace period ended it:\n{output}"
+    );
     assert!(!vm.socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_ended_after_the_grace_period() {
+    let mut vm = idle_vm("api-shutdown-grace");
+    let pressed = std::time::Instant::now();
+    // Through the CLI client, which sends `{"timeout_secs": 1}`.
+    let remote = std::process::Command::new(common::kickvm_binary())
+        .args(["remote", "--api-socket"])
+        .arg(&vm.socket)
+        .args(["shutdown", "--timeout-secs", "1"])
+        .output()
+        .unwrap();
+    assert!(remote.status.success(), "{remote:?}");
+    assert!(vm.info()["shutdown_deadline_secs"].as_f64().unwrap() <= 1.0);
+    // The halting guest has no ACPI: the press is never taken, the VM runs on until the end of
+    // the grace period.
+    std::thread::sleep(Duration::from_millis(300));
+    let info = vm.info();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["power_button"]["presses"], 1);
+    assert_eq!(info["power_button"]["taken_by_guest"], 0);
+    let output = vm.finish(Duration::from_secs(30));
+    output.assert_exit_code(0);
+    assert!(
+        pressed.elapsed() >= Duration::from_secs(1),
+        "ended before its grace period"
+    );
+    assert!(
+        output
+            .stderr
+            .contains("did not power off within its grace period"),
+        "{output}"
+    );
+    assert!(!vm.socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn shutdown_during_blk_verify_lets_the_guest_flush_and_the_image_holds_its_last_loop() {
+    let dir = common::scratch_dir("api-shutdown-blk-files");
+    let disk = image(&dir, "a.img", 1 << 20);
+    let disk_arg = format!("path={}", disk.display());
+    let mut vm = ApiVm::start(
+        "api-shutdown-blk",
+        common::test_guest(),
+        "workload=blk-verify seed=40 loops=100000",
+        &["--disk", &disk_arg],
+    );
+    wait_for_drivers(&vm, Duration::from_secs(20));
+    // Let a few loops pass, so the press lands in the middle of the work.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vm.call("PUT", "vm.shutdown", None).0, 202);
+    let output = vm.finish(Duration::from_secs(60));
+    output.assert_exit_code(0);
+    let result = output.result("blk-verify");
+    assert_eq!(result["status"], "ok", "{output}");
+    assert_eq!(result["errors"], "0", "{output}");
+    assert_eq!(
+        result.get("shutdown").map(String::as_str),
+        Some("power-button"),
+        "{output}"
+    );
+    let last_loop: u64 = output
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
+        .last()
+        .unwrap_or_else(|| panic!("no FLUSHED line:\n{output}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        last_loop < 99_999,
+        "the press did not end the loops early:\n{output}"
+    );
+    blk_pattern::assert_image(&disk, 40 + last_loop, 0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shutdown_of_a_paused_vm_is_refused_and_changes_nothing() {
+    let vm = idle_vm("api-shutdown-paused");
+    assert_eq!(vm.call("PUT", "vm.pause", None).0, 204);
+    let paused = vm.info();
+    assert_error(
+        vm.call("PUT", "vm.shutdown", None),
+        409,
+        "paused",
+        "shutdown paused",
+    );
+    assert_eq!(vm.info(), paused, "a refused shutdown changed the VM");
+    assert_error(
+        vm.call("PUT", "vm.shutdown", Some(r#"{"timeout_secs": "soon"}"#)),
+        400,
+        "timeout_secs",
+        "shutdown bad body",
+    );
 }
 
 #[test]

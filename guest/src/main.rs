@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod blk;
 mod boot;
 mod dma;
@@ -14,6 +15,7 @@ mod lapic;
 mod mem;
 mod net;
 mod paging;
+mod power_button;
 mod pci;
 mod serial;
 mod smp;
@@ -37,6 +39,8 @@ pub struct Boot {
     pub cpu_source: &'static str,
     pub aps_all_started: bool,
     pub tsc_source: tsc::Source,
+    /// The GSI of the ACPI power button's GED, if the platform has one.
+    pub power_button_gsi: Option<u32>,
 }
 
 const CMDLINE_COPY_BYTES: usize = 4096;
@@ -89,6 +93,7 @@ extern "C" fn bsp_main() -> ! {
         Some(c) => smp::start_aps(c, AP_START_TIMEOUT_MS),
         None => 1,
     };
+    let power_button_gsi = power_button::arm(info.rsdp_paddr, lapic::id());
     let boot = Boot {
         cmdline,
         memmap,
@@ -99,15 +104,20 @@ extern "C" fn bsp_main() -> ! {
         // not started.
         aps_all_started: cpus_started == cpus_listed,
         tsc_source,
+        power_button_gsi,
     };
     let ok = workloads::run(&boot);
     finish(ok);
 }
 
 /// Prints `DONE`, then ends the VM: i8042 reset, and ACPI S5 for VMMs
-/// (cloud-hypervisor) that ignore the reset.
+/// (cloud-hypervisor) that ignore the reset. After a power-button press the
+/// guest powers off (S5) instead, as the button asked.
 pub fn finish(ok: bool) -> ! {
     println!("DONE status={}", if ok { "ok" } else { "fail" });
+    if power_button::pressed() {
+        x86::outb(0x600, 0x34);
+    }
     x86::outb(0x64, 0xFE);
     x86::outb(0x600, 0x34);
     loop {

@@ -1,7 +1,7 @@
 //! Which CPUs exist: the ACPI MADT if there is ACPI, else the MP table.
 
+use crate::acpi::{self, bytes, checksum_ok, plausible, u16_at, u32_at};
 use crate::boot::MAX_CPUS;
-use crate::x86::phys_slice;
 
 pub struct Cpus {
     /// xAPIC ids of the enabled CPUs, in table order.
@@ -40,79 +40,13 @@ impl Cpus {
 }
 
 pub fn discover(rsdp_hint: u64) -> Option<Cpus> {
-    find_rsdp(rsdp_hint)
+    acpi::find_rsdp(rsdp_hint)
         .and_then(madt_cpus)
         .or_else(mp_table_cpus)
 }
 
-fn bytes(addr: u64, len: usize) -> &'static [u8] {
-    // SAFETY: firmware tables live in identity-mapped low memory and are not
-    // written while the guest reads them.
-    unsafe { phys_slice(addr, len) }
-}
-
-fn checksum_ok(data: &[u8]) -> bool {
-    data.iter().fold(0u8, |a, &b| a.wrapping_add(b)) == 0
-}
-
-fn u16_at(d: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([d[off], d[off + 1]])
-}
-
-fn u32_at(d: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([d[off], d[off + 1], d[off + 2], d[off + 3]])
-}
-
-fn u64_at(d: &[u8], off: usize) -> u64 {
-    u32_at(d, off) as u64 | (u32_at(d, off + 4) as u64) << 32
-}
-
-/// Tables must lie in the identity map and be of a sane size.
-fn plausible(addr: u64, len: u64) -> bool {
-    addr != 0 && (8..(1 << 20)).contains(&len) && addr + len < (1 << 32)
-}
-
-fn find_rsdp(hint: u64) -> Option<u64> {
-    if hint != 0 && plausible(hint, 20) && bytes(hint, 8) == b"RSD PTR " {
-        return Some(hint);
-    }
-    (0xE0000..0x100000u64)
-        .step_by(16)
-        .find(|&a| bytes(a, 8) == b"RSD PTR " && checksum_ok(bytes(a, 20)))
-}
-
 fn madt_cpus(rsdp: u64) -> Option<Cpus> {
-    let r = bytes(rsdp, 36);
-    let revision = r[15];
-    let (root, entry_size) = if revision >= 2 && u64_at(r, 24) != 0 {
-        (u64_at(r, 24), 8)
-    } else {
-        (u32_at(r, 16) as u64, 4)
-    };
-    if !plausible(root, 36) {
-        return None;
-    }
-    let root_len = u32_at(bytes(root, 36), 4) as u64;
-    if !plausible(root, root_len) {
-        return None;
-    }
-    let root_table = bytes(root, root_len as usize);
-    let madt = (36..root_table.len())
-        .step_by(entry_size)
-        .filter(|off| off + entry_size <= root_table.len())
-        .map(|off| {
-            if entry_size == 8 {
-                u64_at(root_table, off)
-            } else {
-                u32_at(root_table, off) as u64
-            }
-        })
-        .find(|&t| plausible(t, 36) && bytes(t, 4) == b"APIC")?;
-    let madt_len = u32_at(bytes(madt, 8), 4) as u64;
-    if !plausible(madt, madt_len) {
-        return None;
-    }
-    let m = bytes(madt, madt_len as usize);
+    let m = acpi::find_table(rsdp, b"APIC")?;
     let mut cpus = Cpus::empty("acpi");
     let mut off = 44;
     while off + 2 <= m.len() {

@@ -20,6 +20,10 @@
 //! rest of the disk is untouched. The DISCARD / WRITE_ZEROES checks work
 //! on sectors of extent 0 and rewrite the pattern there afterwards.
 //!
+//! A press of the ACPI power button (the host's `vm.shutdown`) ends the loops
+//! early: each disk finishes the loop it is in (at least one), the RESULT line
+//! ends with `shutdown=power-button`, and the guest powers off.
+//!
 //! After each FLUSH completes: `FLUSHED disk=D loop=K`. With `hold=1` the
 //! guest then spins at CPL3 forever, printing nothing, so a host-side test
 //! can kill the VMM while the disk holds exactly loop 0's flushed pattern.
@@ -30,7 +34,7 @@
 use super::disks::{self, Failure};
 use crate::blk::{self, Disk, Request, SECTOR, S_IOERR, S_OK};
 use crate::boot::MAX_CPUS;
-use crate::{dma, println, smp, tsc, x86, Boot};
+use crate::{dma, power_button, println, smp, tsc, x86, Boot};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The slowest request of the run, submit to completion, in TSC ticks (`max_lat_us`).
@@ -516,6 +520,9 @@ pub fn run(boot: &Boot) -> bool {
                     }
                 }
                 run_phase(&mut job, Phase::Verify);
+                if power_button::pressed() {
+                    break;
+                }
             }
             let verified = job.blocks.load(Ordering::Relaxed);
             // Ranges inside extent 0, aligned as the device asks.
@@ -551,7 +558,7 @@ pub fn run(boot: &Boot) -> bool {
     let interrupts: u64 = all.iter().map(|d| d.interrupts_waited()).sum();
     let ok = totals.errors == 0 && totals.ro_refused == totals.ro_disks;
     println!(
-        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={}",
+        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={}{}",
         NAME,
         if ok { "ok" } else { "fail" },
         totals.disks,
@@ -568,6 +575,7 @@ pub fn run(boot: &Boot) -> bool {
         tsc::ticks_to_ns(MAX_LATENCY_TICKS.load(Ordering::Relaxed)) / 1000,
         if opts.either_transport { "auto" } else { opts.kind.name() },
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
+        if power_button::pressed() { " shutdown=power-button" } else { "" },
     );
     ok
 }

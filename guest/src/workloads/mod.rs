@@ -6,6 +6,7 @@ mod blk_bench;
 mod blk_verify;
 mod disks;
 mod fault;
+mod idle;
 mod info;
 mod kick_bench;
 mod net_common;
@@ -19,6 +20,7 @@ pub fn run(boot: &Boot) -> bool {
     match name {
         "info" => info::run(boot),
         "fault" => fault::run(),
+        "idle" => idle::run(boot),
         "exception" => fault::run_exception(boot),
         "stack-overflow" => fault::run_stack_overflow(),
         "blk-verify" => blk_verify::run(boot),
