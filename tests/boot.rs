@@ -31,6 +31,10 @@ fn assert_cpus(cpus: u8) {
         result["cpu_table"], "acpi",
         "CPUs come from the MADT:\n{output}"
     );
+    assert_eq!(
+        result["power_button"], "acpi-ged",
+        "the DSDT's GED power button was found and routed:\n{output}"
+    );
 }
 
 /// The guest reports RAM rounded to the nearest MiB; the BIOS area (under 1 MiB) that the

@@ -72,6 +72,10 @@ fn assert_info(cpus: u32, memory: &str, expected_mib: u64) {
         "guest sees {mib} MiB of {expected_mib} MiB:\n{output}"
     );
     assert!(output.stdout.contains("DONE status=ok"), "{output}");
+    assert_eq!(
+        r["power_button"], "none",
+        "q35 has no GED; the guest must not route a pin it does not own:\n{output}"
+    );
 }
 
 #[test]
