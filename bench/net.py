@@ -95,8 +95,7 @@ class Vm:
 
 
 def settings(ns: Netns, poll_us: int | None) -> dict:
-    def kick(io: str):
-        extra_opt = f",poll_us={poll_us}" if poll_us is not None and io == "auto" else ""
+    def kick(io: str, extra_opt: str = ""):
         return lambda args: [*ns.prefix(), *kickvm_cmd(args, extra=["--net", f"tap={TAP},ioeventfd={io}{extra_opt}"])]
 
     def qemu(io: str):
@@ -106,6 +105,9 @@ def settings(ns: Netns, poll_us: int | None) -> dict:
         ])]
 
     s = {"kickvm-on": kick("on"), "kickvm-off": kick("off"), "kickvm-auto": kick("auto")}
+    if poll_us is not None:
+        # kickvm-auto stays kickvm's default; this one sets the reply wait explicitly.
+        s[f"kickvm-auto-p{poll_us}"] = kick("auto", f",poll_us={poll_us}")
     if qemu_available():
         s |= {"qemu-on": qemu("on"), "qemu-off": qemu("off")}
     return s
@@ -151,7 +153,7 @@ def main() -> None:
     ap.add_argument("--secs", type=int, default=3)
     ap.add_argument("--rtt-samples", type=int, default=2000)
     ap.add_argument("--settings", default="")
-    ap.add_argument("--poll-us", type=int, default=None, help="kickvm-auto's poll_us (default: kickvm's)")
+    ap.add_argument("--poll-us", type=int, default=None, help="also run kickvm-auto-pN: auto with poll_us=N")
     ap.add_argument("--only", default="g2h,h2g,echo", help="which measurements (g2h, h2g, echo)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="payload sizes for g2h/h2g")
     ap.add_argument("--no-build", action="store_true")

@@ -37,6 +37,12 @@ use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 const REPLY_WINDOW: Duration = Duration::from_micros(500);
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
+/// RX reads straight into the guest's buffers when the chains at hand hold this much frame
+/// (a full Ethernet frame with a VLAN tag): the usual frame then costs no copy. A bigger one
+/// (GSO) spills into the bounce buffer and takes the copying path.
+const DIRECT_FRAME_LEN: usize = 1518;
+/// readv's limit (UIO_MAXIOV), the bounce buffer's tail included.
+const MAX_IOVECS: usize = 1024;
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 /// An RX chain's head, its writable segments, and their total length.
@@ -51,6 +57,8 @@ pub struct NetStats {
     pub rx_dropped: AtomicU64,
     /// Frames the I/O thread's poll found (TX without a kick, RX without waiting for epoll).
     pub polled_frames: AtomicU64,
+    /// RX frames the tap wrote straight into the guest's buffers (no bounce copy).
+    pub rx_direct: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -59,6 +67,13 @@ fn add(counter: &AtomicU64, n: u64) {
 
 /// Whether the driver's available index is more than a ring ahead of what the device took
 /// (or unreadable): `pop_descriptor_chain` then refuses the ring, so waiting cannot help.
+fn log_read_error() {
+    let e = io::Error::last_os_error();
+    if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+        log::debug!("virtio-net RX: tap read failed: {e}");
+    }
+}
+
 fn avail_out_of_range(mem: &GuestMemoryMmap, queue: &Queue) -> bool {
     queue.avail_idx(mem, Ordering::Acquire).map_or(true, |idx| {
         idx.0.wrapping_sub(queue.next_avail()) > queue.size()
@@ -71,6 +86,25 @@ struct RxQueue {
     bounce: Vec<u8>,
     pending: usize,
     broken: bool,
+    /// Scratch for the direct read: the chains taken (head, capacity), their writable
+    /// segments in order, and the iovecs over them.
+    peeked: Vec<(u16, usize)>,
+    segments: Vec<(GuestAddress, usize)>,
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: `iovecs` holds pointers into guest memory and the bounce buffer only during one
+// direct read, under the queue's lock; both outlive the handler's use of them.
+unsafe impl Send for RxQueue {}
+
+/// What a direct read did with the next frame.
+enum Direct {
+    /// Settled: delivered, nothing to put it in, a dropped frame or a broken ring.
+    Done(RxOutcome),
+    /// The frame is in the bounce buffer (`pending`): the copying path takes over.
+    Bounced,
+    /// The tap had nothing (or failed).
+    TapEmpty,
 }
 
 struct TxQueue {
@@ -115,7 +149,8 @@ enum TxMode {
 }
 
 enum RxOutcome {
-    Delivered(usize),
+    /// Chains used, frame bytes (without the header).
+    Delivered(usize, usize),
     NoBuffers,
     Dropped,
     Fatal(&'static str),
@@ -203,6 +238,9 @@ impl NetHandler {
                 bounce: vec![0; hdr_len + MAX_FRAME_LEN],
                 pending: 0,
                 broken: false,
+                peeked: Vec::with_capacity(8),
+                segments: Vec::with_capacity(8),
+                iovecs: Vec::with_capacity(8),
             });
             if let Some(rx) = rx.as_mut() {
                 // RX kicks are only wanted once buffers run out.
@@ -511,42 +549,19 @@ impl NetHandler {
         let mut used = 0;
         let mut always_signal = false;
         for _ in 0..BATCH {
-            if rx.pending == 0 {
-                // SAFETY: reads into the bounce buffer, which is as long as the count given.
-                let n = unsafe {
-                    libc::read(
-                        pair.fd,
-                        rx.bounce.as_mut_ptr() as *mut libc::c_void,
-                        rx.bounce.len(),
-                    )
-                };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::WouldBlock
-                        && e.kind() != io::ErrorKind::Interrupted
-                    {
-                        log::debug!("virtio-net RX: tap read failed: {e}");
-                    }
-                    break;
+            let outcome = if rx.pending == 0 {
+                match self.read_direct(pair, rx) {
+                    Direct::Done(outcome) => outcome,
+                    Direct::Bounced => self.deliver(rx),
+                    Direct::TapEmpty => break,
                 }
-                let n = n as usize;
-                // Stamped before the guest can see the frame, so a reply's kick compares
-                // against this frame, not the previous one.
-                pair.last_rx_ns
-                    .store(self.clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                if n < self.hdr_len {
-                    add(&self.stats.rx_dropped, 1);
-                    continue;
-                }
-                rx.pending = n;
-            }
-            match self.deliver(rx) {
-                RxOutcome::Delivered(chains) => {
+            } else {
+                self.deliver(rx)
+            };
+            match outcome {
+                RxOutcome::Delivered(chains, bytes) => {
                     QueueCounters::add(&self.counters[index].requests, 1);
-                    QueueCounters::add(
-                        &self.counters[index].bytes,
-                        (rx.pending - self.hdr_len) as u64,
-                    );
+                    QueueCounters::add(&self.counters[index].bytes, bytes as u64);
                     add(&self.stats.rx_frames, 1);
                     rx.pending = 0;
                     frames += 1;
@@ -561,6 +576,12 @@ impl NetHandler {
                     // Ask for a kick when buffers come; re-check to close the race with a
                     // driver that posted just now.
                     match rx.queue.enable_notification(&self.mem) {
+                        Ok(true) if avail_out_of_range(&self.mem, &rx.queue) => {
+                            rx.broken = true;
+                            self.watch_tap(pair, false);
+                            self.fatal(index, "available index out of range");
+                            break;
+                        }
                         Ok(true) => {
                             let _ = rx.queue.disable_notification(&self.mem);
                             continue;
@@ -653,9 +674,8 @@ impl NetHandler {
                 .copy_from_slice(&count.to_le_bytes());
         }
         let mut offset = 0usize;
-        let start = rx.queue.next_used();
-        let last = chains.len() - 1;
-        for (i, (head, segments, _)) in chains.iter().enumerate() {
+        let mut used = Vec::with_capacity(chains.len());
+        for (head, segments, _) in &chains {
             let begin = offset;
             for &(addr, dlen) in segments {
                 if offset >= len {
@@ -671,27 +691,243 @@ impl NetHandler {
                 }
                 offset += n;
             }
-            let written = (offset - begin) as u32;
+            used.push((*head, (offset - begin) as u32));
+        }
+        if let Err(reason) = self.publish_used(&mut rx.queue, &used) {
+            return RxOutcome::Fatal(reason);
+        }
+        RxOutcome::Delivered(chains.len(), len - self.hdr_len)
+    }
+
+    /// Puts one frame's chains (head, bytes written) in the used ring and moves the used
+    /// index once, past all of them, so the driver never sees part of a frame.
+    fn publish_used(&self, queue: &mut Queue, used: &[(u16, u32)]) -> Result<(), &'static str> {
+        let start = queue.next_used();
+        let last = used.len() - 1;
+        for (i, &(head, written)) in used.iter().enumerate() {
             if i < last {
-                // Entries before the last are written without moving the used index, so
-                // the driver never sees part of a frame.
-                let slot = u64::from(start.wrapping_add(i as u16) % rx.queue.size());
-                let at = GuestAddress(rx.queue.used_ring()).checked_add(4 + slot * 8);
+                let slot = u64::from(start.wrapping_add(i as u16) % queue.size());
+                let at = GuestAddress(queue.used_ring()).checked_add(4 + slot * 8);
                 let ok = at.is_some_and(|at| {
-                    self.mem.write_obj(u32::from(*head), at).is_ok()
+                    self.mem.write_obj(u32::from(head), at).is_ok()
                         && self.mem.write_obj(written, at.unchecked_add(4)).is_ok()
                 });
                 if !ok {
-                    return RxOutcome::Fatal("used ring not writable");
+                    return Err("used ring not writable");
                 }
             } else {
-                rx.queue.set_next_used(start.wrapping_add(last as u16));
-                if rx.queue.add_used(&self.mem, *head, written).is_err() {
-                    return RxOutcome::Fatal("used ring not writable");
+                queue.set_next_used(start.wrapping_add(last as u16));
+                if queue.add_used(&self.mem, head, written).is_err() {
+                    return Err("used ring not writable");
                 }
             }
         }
-        RxOutcome::Delivered(chains.len())
+        Ok(())
+    }
+
+    /// Reads the next frame from the tap into the bounce buffer; its length, or None when
+    /// the tap has nothing (or failed).
+    fn read_bounce(&self, pair: &Pair, rx: &mut RxQueue) -> Option<usize> {
+        // SAFETY: reads into the bounce buffer, which is as long as the count given.
+        let n = unsafe {
+            libc::read(
+                pair.fd,
+                rx.bounce.as_mut_ptr() as *mut libc::c_void,
+                rx.bounce.len(),
+            )
+        };
+        if n < 0 {
+            log_read_error();
+            return None;
+        }
+        // Stamped before the guest can see the frame, so a reply's kick compares against
+        // this frame, not the previous one.
+        self.stamp_rx(pair);
+        Some(n as usize)
+    }
+
+    fn stamp_rx(&self, pair: &Pair) {
+        pair.last_rx_ns
+            .store(self.clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Reads the next frame from the tap straight into the guest's next RX chain (with
+    /// MRG_RXBUF, the next few, up to a full Ethernet frame's room), one `readv` with the
+    /// bounce buffer as its last piece. A frame that fits costs no copy; one that spills
+    /// over is moved whole into the bounce buffer and left to `deliver`, which waits for
+    /// more buffers or drops it exactly as a bounced frame would be. Chains not used go
+    /// back to the ring; every descriptor is checked before the tap writes anywhere.
+    fn read_direct(&self, pair: &Pair, rx: &mut RxQueue) -> Direct {
+        rx.peeked.clear();
+        rx.segments.clear();
+        rx.iovecs.clear();
+        let want = self.hdr_len + DIRECT_FRAME_LEN;
+        let mut capacity = 0usize;
+        // A descriptor that spans two memory regions has no single host slice.
+        let mut split_region = false;
+        while capacity < want && rx.iovecs.len() < MAX_IOVECS - 1 {
+            let Some(chain) = rx.queue.pop_descriptor_chain(&self.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut chain_capacity = 0usize;
+            let mut cut_short = false;
+            for desc in chain {
+                cut_short = desc.has_next();
+                if !desc.is_write_only() {
+                    return Direct::Done(RxOutcome::Fatal("read-only descriptor in an RX chain"));
+                }
+                let dlen = desc.len() as usize;
+                if !self.mem.check_range(desc.addr(), dlen) {
+                    return Direct::Done(RxOutcome::Fatal("RX descriptor outside guest memory"));
+                }
+                if dlen == 0 {
+                    continue;
+                }
+                match self.mem.get_slice(desc.addr(), dlen) {
+                    Ok(slice) => rx.iovecs.push(libc::iovec {
+                        // Plain anonymous memory (no Xen grants): the pointer stays valid
+                        // after the guard.
+                        iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                        iov_len: dlen,
+                    }),
+                    Err(_) => split_region = true,
+                }
+                rx.segments.push((desc.addr(), dlen));
+                chain_capacity += dlen;
+            }
+            if cut_short {
+                return Direct::Done(RxOutcome::Fatal(
+                    "RX descriptor chain loops or leaves the table",
+                ));
+            }
+            if self.mrg_rxbuf && rx.peeked.is_empty() && chain_capacity < self.hdr_len {
+                return Direct::Done(RxOutcome::Fatal(
+                    "RX buffer shorter than the virtio-net header",
+                ));
+            }
+            rx.peeked.push((head, chain_capacity));
+            capacity += chain_capacity;
+            if !self.mrg_rxbuf {
+                break;
+            }
+        }
+        if rx.peeked.is_empty() {
+            return Direct::Done(RxOutcome::NoBuffers);
+        }
+        if split_region || rx.iovecs.len() >= MAX_IOVECS {
+            self.put_back(rx, rx.peeked.len());
+            return match self.read_bounce(pair, rx) {
+                Some(n) => self.bounced(rx, n),
+                None => Direct::TapEmpty,
+            };
+        }
+        // The bounce buffer takes whatever does not fit, so no frame is ever cut short.
+        let tail = rx.bounce.len().saturating_sub(capacity);
+        if tail > 0 {
+            rx.iovecs.push(libc::iovec {
+                iov_base: rx.bounce[capacity..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: tail,
+            });
+        }
+        // SAFETY: every iovec is either a host slice of guest memory checked above (mapped
+        // for the VM's lifetime) or part of the bounce buffer, each as long as given.
+        let n = unsafe { libc::readv(pair.fd, rx.iovecs.as_ptr(), rx.iovecs.len() as i32) };
+        rx.iovecs.clear();
+        if n < 0 {
+            log_read_error();
+            self.put_back(rx, rx.peeked.len());
+            return Direct::TapEmpty;
+        }
+        self.stamp_rx(pair);
+        let n = n as usize;
+        if n > capacity + tail {
+            // The tap reports a frame's whole length even when it cut it short.
+            self.put_back(rx, rx.peeked.len());
+            return Direct::Done(RxOutcome::Dropped);
+        }
+        if n > capacity {
+            // Spilled: gather the part in the guest's buffers in front of the rest.
+            let mut offset = 0;
+            for &(addr, dlen) in &rx.segments {
+                let part = &mut rx.bounce[offset..offset + dlen];
+                if self.mem.read_slice(part, addr).is_err() {
+                    return Direct::Done(RxOutcome::Fatal("RX buffer not readable"));
+                }
+                offset += dlen;
+            }
+            self.put_back(rx, rx.peeked.len());
+            return self.bounced(rx, n);
+        }
+        if n < self.hdr_len {
+            self.put_back(rx, rx.peeked.len());
+            return Direct::Done(RxOutcome::Dropped);
+        }
+        // The chains the frame filled; the rest go back.
+        let mut used: Vec<(u16, u32)> = Vec::with_capacity(rx.peeked.len());
+        let mut left = n;
+        for &(head, chain_capacity) in &rx.peeked {
+            let written = chain_capacity.min(left);
+            used.push((head, written as u32));
+            left -= written;
+            if left == 0 {
+                break;
+            }
+        }
+        self.put_back(rx, rx.peeked.len() - used.len());
+        if self.hdr_len >= HEADER_LEN {
+            // The tap leaves num_buffers unwritten (see `deliver`).
+            let count = (used.len() as u16).to_le_bytes();
+            if !self.write_at(&rx.segments, NUM_BUFFERS_OFFSET, &count) {
+                return Direct::Done(RxOutcome::Fatal("RX buffer not writable"));
+            }
+        }
+        if let Err(reason) = self.publish_used(&mut rx.queue, &used) {
+            return Direct::Done(RxOutcome::Fatal(reason));
+        }
+        add(&self.stats.rx_direct, 1);
+        Direct::Done(RxOutcome::Delivered(used.len(), n - self.hdr_len))
+    }
+
+    /// A frame of `n` bytes now in the bounce buffer: over-long ones are dropped.
+    fn bounced(&self, rx: &mut RxQueue, n: usize) -> Direct {
+        if n < self.hdr_len || n > rx.bounce.len() {
+            return Direct::Done(RxOutcome::Dropped);
+        }
+        rx.pending = n;
+        Direct::Bounced
+    }
+
+    /// Returns the last `count` chains taken to the ring, for the next frame.
+    fn put_back(&self, rx: &mut RxQueue, count: usize) {
+        for _ in 0..count {
+            rx.queue.go_to_previous_position();
+        }
+    }
+
+    /// Writes `bytes` at `offset` into the byte stream the segments make up.
+    fn write_at(&self, segments: &[(GuestAddress, usize)], offset: usize, bytes: &[u8]) -> bool {
+        let mut skip = offset;
+        let mut rest = bytes;
+        for &(addr, dlen) in segments {
+            if rest.is_empty() {
+                break;
+            }
+            if skip >= dlen {
+                skip -= dlen;
+                continue;
+            }
+            let n = (dlen - skip).min(rest.len());
+            let Some(at) = addr.checked_add(skip as u64) else {
+                return false;
+            };
+            if self.mem.write_slice(&rest[..n], at).is_err() {
+                return false;
+            }
+            rest = &rest[n..];
+            skip = 0;
+        }
+        rest.is_empty()
     }
 
     /// The driver posted RX buffers: a frame held back, or the tap, can move again. (In

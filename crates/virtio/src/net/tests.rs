@@ -687,6 +687,8 @@ fn rx_large_gso_frame_is_spread_over_merged_buffers_published_at_once() {
     assert_eq!(got.num_buffers as usize, chains);
     assert_eq!((got.gso_type, got.gso_size), (hdr.gso_type, hdr.gso_size));
     assert_eq!(&assembled[HEADER_LEN..], &frame[..]);
+    // Bigger than a direct read's room: it spilled into the bounce buffer and was copied.
+    assert_eq!(g.stats().rx_direct.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -731,6 +733,165 @@ fn rx_buffer_outside_guest_memory_sets_needs_reset_without_writing() {
     g.handler.process_queue(0);
     assert!(g.needs_reset());
     assert_eq!(g.used_idx(0), 0);
+}
+
+/// Reads what the guest sees of one used chain: `len` bytes from its buffers in order.
+fn read_parts(mem: &GuestMemoryMmap, parts: &[(u64, usize)], len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(addr, plen) in parts {
+        let n = plen.min(len - out.len());
+        let mut part = vec![0u8; n];
+        mem.read_slice(&mut part, GuestAddress(addr)).unwrap();
+        out.extend(part);
+    }
+    out
+}
+
+#[test]
+fn rx_direct_read_fills_a_chain_whose_header_straddles_two_descriptors() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 1, all);
+    // 7 bytes, then the rest: num_buffers (bytes 10-11) lies in the second descriptor, the
+    // header's first bytes in the first.
+    let head = g.offer(0, &[(BUF, 7, true), (BUF + 0x1000, 2041, true)]);
+    g.handler.process_queue(0);
+    let frame = eth_frame(1400, 9);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &frame));
+    g.handler.process_completions(0);
+    let total = HEADER_LEN + frame.len();
+    assert_eq!(g.used_idx(0), 1);
+    assert_eq!(g.used_entry(0, 0), (u32::from(head), total as u32));
+    let got = read_parts(&mem, &[(BUF, 7), (BUF + 0x1000, 2041)], total);
+    assert_eq!(VnetHeader::parse(&got).unwrap().num_buffers, 1);
+    assert_eq!(&got[HEADER_LEN..], &frame[..]);
+    assert_eq!(g.stats().rx_frames.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        g.stats().rx_direct.load(Ordering::Relaxed),
+        1,
+        "not read in place"
+    );
+}
+
+#[test]
+fn rx_direct_read_spreads_a_frame_over_merged_chains_and_leaves_the_rest_for_the_next() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 1, all);
+    let heads: Vec<u16> = (0..4u64)
+        .map(|i| g.offer(0, &[(BUF + i * 0x1000, 600, true)]))
+        .collect();
+    g.handler.process_queue(0);
+    let first = eth_frame(1400, 1);
+    let second = eth_frame(100, 2);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &first));
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &second));
+    g.handler.process_completions(0);
+    // 1412 bytes take three 600-byte chains; the second frame gets the fourth.
+    assert_eq!(g.used_idx(0), 4);
+    let lens: Vec<u32> = (0..3).map(|i| g.used_entry(0, i).1).collect();
+    assert_eq!(lens, vec![600, 600, 212]);
+    for (i, head) in heads.iter().enumerate().take(3) {
+        assert_eq!(g.used_entry(0, i as u64).0, u32::from(*head));
+    }
+    let parts: Vec<(u64, usize)> = (0..3u64).map(|i| (BUF + i * 0x1000, 600)).collect();
+    let got = read_parts(&mem, &parts, HEADER_LEN + first.len());
+    assert_eq!(VnetHeader::parse(&got).unwrap().num_buffers, 3);
+    assert_eq!(&got[HEADER_LEN..], &first[..]);
+    assert_eq!(
+        g.used_entry(0, 3),
+        (u32::from(heads[3]), (HEADER_LEN + second.len()) as u32)
+    );
+    let got = read_parts(&mem, &[(BUF + 0x3000, 600)], HEADER_LEN + second.len());
+    assert_eq!(VnetHeader::parse(&got).unwrap().num_buffers, 1);
+    assert_eq!(&got[HEADER_LEN..], &second[..]);
+    assert_eq!(
+        g.stats().rx_direct.load(Ordering::Relaxed),
+        2,
+        "not read in place"
+    );
+}
+
+#[test]
+fn rx_chain_running_outside_guest_memory_sets_needs_reset_before_the_tap_writes_anywhere() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 1, all);
+    mem.write_slice(&[0x5a; 64], GuestAddress(BUF)).unwrap();
+    // A valid first descriptor, then one past the end of memory.
+    g.offer(0, &[(BUF, 64, true), (MEM_SIZE as u64 - 8, 2048, true)]);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    g.handler.process_queue(0);
+    assert!(g.needs_reset());
+    assert_eq!(g.used_idx(0), 0);
+    let mut first = [0u8; 64];
+    mem.read_slice(&mut first, GuestAddress(BUF)).unwrap();
+    assert_eq!(
+        first, [0x5a; 64],
+        "the valid part of a bad chain was written"
+    );
+    assert!(
+        readable(g.backend.device_ends[0].as_raw_fd()),
+        "the frame must stay in the tap, not be read into a bad chain"
+    );
+}
+
+#[test]
+fn rx_merged_chain_shorter_than_the_header_sets_needs_reset() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 1, all);
+    g.offer(0, &[(BUF, 4, true)]);
+    g.offer(0, &[(BUF + 0x1000, 2048, true)]);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    g.handler.process_queue(0);
+    assert!(g.needs_reset());
+    assert_eq!(g.used_idx(0), 0);
+}
+
+#[test]
+fn rx_chain_too_short_without_mrg_rxbuf_drops_the_frame_and_keeps_the_chain_unpublished() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 1, |f| f & !(1 << VIRTIO_NET_F_MRG_RXBUF));
+    let head = g.offer(0, &[(BUF, 20, true)]);
+    g.handler.process_queue(0);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 0)));
+    g.handler.process_completions(0);
+    assert!(!g.needs_reset());
+    assert_eq!(g.used_idx(0), 0);
+    assert_eq!(g.stats().rx_dropped.load(Ordering::Relaxed), 1);
+    // The chain is still the device's, for a frame that fits.
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &[7; 8]));
+    g.handler.process_completions(0);
+    assert_eq!(g.used_idx(0), 1);
+    assert_eq!(g.used_entry(0, 0), (u32::from(head), HEADER_LEN as u32 + 8));
+}
+
+#[test]
+fn rx_buffer_spanning_two_memory_regions_is_filled_through_the_bounce_buffer() {
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE / 2),
+        (GuestAddress(MEM_SIZE as u64 / 2), MEM_SIZE / 2),
+    ])
+    .unwrap();
+    let mut g = guest(&mem, 1, all);
+    let at = MEM_SIZE as u64 / 2 - 100;
+    let head = g.offer(0, &[(at, 2048, true)]);
+    g.handler.process_queue(0);
+    let frame = eth_frame(1000, 3);
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &frame));
+    g.handler.process_completions(0);
+    let total = HEADER_LEN + frame.len();
+    assert_eq!(g.used_entry(0, 0), (u32::from(head), total as u32));
+    let mut got = vec![0u8; total];
+    mem.read_slice(&mut got, GuestAddress(at)).unwrap();
+    assert_eq!(VnetHeader::parse(&got).unwrap().num_buffers, 1);
+    assert_eq!(&got[HEADER_LEN..], &frame[..]);
+    assert_eq!(g.stats().rx_direct.load(Ordering::Relaxed), 0);
 }
 
 // ---- features, config, control queue ----
