@@ -340,8 +340,8 @@ fn shutdown_during_blk_verify_lets_the_guest_flush_and_the_image_holds_its_last_
     let last_loop: u64 = output
         .stdout
         .lines()
-        .filter_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
         .unwrap_or_else(|| panic!("no FLUSHED line:\n{output}"))
         .trim()
         .parse()

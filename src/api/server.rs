@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::http::{self, HttpError, Request};
@@ -318,28 +318,46 @@ pub fn route(request: &Request) -> Result<VmAction, ApiResponse> {
 /// The longest grace period `vm.shutdown` accepts (a day): beyond it, a typo is likelier.
 const MAX_SHUTDOWN_GRACE_SECS: u64 = 86_400;
 
-/// `vm.shutdown` takes no body, or `{"timeout_secs": N}`.
-fn parse_shutdown_body(request: &Request) -> Result<VmAction, ApiResponse> {
-    if request.body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(VmAction::Shutdown { grace: None });
+fn bad_request(message: String) -> ApiResponse {
+    ApiResponse::error(400, message)
+}
+
+/// The JSON object body of a PUT that may hold only `fields` (the method is checked first,
+/// so a GET with a body is 405, not a body error).
+fn put_body_object(request: &Request, fields: &[&str]) -> Result<Map<String, Value>, ApiResponse> {
+    if request.method != "PUT" {
+        return Err(ApiResponse::error(
+            405,
+            format!("{} does not take {}; use PUT", request.path, request.method),
+        ));
     }
-    let bad = |message: String| ApiResponse::error(400, message);
-    let value: Value =
-        serde_json::from_slice(&request.body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
-    if let Some(key) = object.keys().find(|k| *k != "timeout_secs") {
-        return Err(bad(format!(
-            "unknown field `{key}` (expected `timeout_secs`)"
+    let value: Value = serde_json::from_slice(&request.body)
+        .map_err(|e| bad_request(format!("body is not JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(bad_request("body must be a JSON object".into()));
+    };
+    if let Some(key) = object.keys().find(|k| !fields.contains(&k.as_str())) {
+        let expected: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
+        return Err(bad_request(format!(
+            "unknown field `{key}` (expected {})",
+            expected.join(" and ")
         )));
     }
+    Ok(object)
+}
+
+/// `vm.shutdown` takes no body, or `{"timeout_secs": N}`.
+fn parse_shutdown_body(request: &Request) -> Result<VmAction, ApiResponse> {
+    if request.method == "PUT" && request.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(VmAction::Shutdown { grace: None });
+    }
+    let object = put_body_object(request, &["timeout_secs"])?;
     let grace = match object.get("timeout_secs") {
         None | Some(Value::Null) => None,
         Some(value) => match value.as_u64() {
             Some(secs) if secs <= MAX_SHUTDOWN_GRACE_SECS => Some(Duration::from_secs(secs)),
             _ => {
-                return Err(bad(format!(
+                return Err(bad_request(format!(
                     "`timeout_secs` must be a whole number of seconds from 0 to \
                      {MAX_SHUTDOWN_GRACE_SECS}, not {value}"
                 )))
@@ -350,37 +368,25 @@ fn parse_shutdown_body(request: &Request) -> Result<VmAction, ApiResponse> {
 }
 
 fn parse_ioeventfd_body(request: &Request) -> Result<VmAction, ApiResponse> {
-    if request.method != "PUT" {
-        return Err(ApiResponse::error(
-            405,
-            format!("{} does not take {}; use PUT", request.path, request.method),
-        ));
-    }
-    let bad = |message: String| ApiResponse::error(400, message);
-    let value: Value =
-        serde_json::from_slice(&request.body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
-    if let Some(key) = object.keys().find(|k| *k != "id" && *k != "ioeventfd") {
-        return Err(bad(format!(
-            "unknown field `{key}` (expected `id` and `ioeventfd`)"
-        )));
-    }
+    let object = put_body_object(request, &["id", "ioeventfd"])?;
     let id = object
         .get("id")
         .and_then(Value::as_str)
-        .ok_or_else(|| bad("`id` (a device id string) is required".into()))?;
+        .ok_or_else(|| bad_request("`id` (a device id string) is required".into()))?;
     let on = match object.get("ioeventfd") {
         Some(Value::String(s)) if s == "on" => true,
         Some(Value::String(s)) if s == "off" => false,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            return Err(bad(format!(
+            return Err(bad_request(format!(
                 "`ioeventfd` must be \"on\" or \"off\", not {other}"
             )))
         }
-        None => return Err(bad("`ioeventfd` (\"on\" or \"off\") is required".into())),
+        None => {
+            return Err(bad_request(
+                "`ioeventfd` (\"on\" or \"off\") is required".into(),
+            ))
+        }
     };
     Ok(VmAction::SetIoeventfd {
         id: id.to_string(),
@@ -449,6 +455,7 @@ mod tests {
         assert_eq!(status("PUT", "/api/v1/vm.info", ""), 405);
         assert_eq!(status("GET", "/api/v1/vm.pause", ""), 405);
         assert_eq!(status("GET", "/api/v1/vm.device-ioeventfd", ""), 405);
+        assert_eq!(status("GET", "/api/v1/vm.shutdown", "{\"x\": 1}"), 405);
     }
 
     #[test]
