@@ -73,6 +73,12 @@ pub trait QueueHandler: Send + Sync {
     fn set_paused(&self, _paused: bool) {}
     /// Requests of `queue` are in flight: the I/O thread may poll rather than sleep.
     fn busy(&self, queue: usize) -> bool;
+    /// Whether the polling I/O thread, when kicks keep coming with nothing to take, dozes
+    /// (looks at the rings after short timed sleeps, kick eventfds unwatched, so a kick wakes
+    /// no thread) rather than spin on.
+    fn doze_on_idle_kicks(&self) -> bool {
+        false
+    }
     fn num_queues(&self) -> usize;
 }
 
