@@ -23,12 +23,13 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::blk::{BlkDeviceError, BlkOptions, VirtioBlk};
 use crate::config::BlkConfig;
+use crate::device::VirtioDevice;
 use crate::ioevent::{CappedRegistrar, IoeventRegistrar};
 use crate::net::{
     IoeventfdPolicy, NetConfig, NetDeviceError, NetOptions, Tap, TapError, VirtioNet,
     DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
 };
-use crate::transport::{TransportError, TransportOptions, VirtioPciDevice};
+use crate::transport::{TransportError, TransportKind, TransportOptions, VirtioPciDevice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -40,20 +41,34 @@ pub enum AttachError {
     Image { id: String, source: BlockError },
     #[error("disk {id}: {source}")]
     Device { id: String, source: BlkDeviceError },
-    #[error("disk {id}: {source}")]
-    Transport { id: String, source: TransportError },
-    #[error("disk {id}: {source}")]
-    Pci { id: String, source: PciError },
+    #[error("{kind} {id}: {source}")]
+    Plug {
+        kind: &'static str,
+        id: String,
+        source: PlugError,
+    },
     #[error("two devices are called `{0}`")]
     DuplicateId(String),
     #[error("net {id}: {source}")]
     Tap { id: String, source: TapError },
     #[error("net {id}: {source}")]
     NetDevice { id: String, source: NetDeviceError },
-    #[error("net {id}: {source}")]
-    NetTransport { id: String, source: TransportError },
-    #[error("net {id}: {source}")]
-    NetPci { id: String, source: PciError },
+}
+
+/// Why a built device could not be put on the PCI bus.
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
+}
+
+/// How a device is plugged: its transport, notify mode and I/O thread poll.
+struct PlugOptions {
+    kind: TransportKind,
+    ioeventfd: bool,
+    poll_us: u32,
 }
 
 /// VM-wide PCI options.
@@ -180,35 +195,18 @@ impl PciDevices {
             id: id.clone(),
             source,
         })?;
-        let pci_err = |source| AttachError::Pci {
-            id: id.clone(),
-            source,
-        };
-        let slot = self.root.lock().unwrap().free_slot().map_err(pci_err)?;
-        let transport = VirtioPciDevice::new(
-            &id,
-            Box::new(blk),
-            self.mem.clone(),
-            TransportOptions {
-                kind: config.transport,
-                ioeventfd: config.ioeventfd,
-                poll: Duration::from_micros(u64::from(config.poll_us)),
-                intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
-                io_priority_boost: self.options.io_priority_boost(),
-            },
-            self.router.clone(),
-            self.registrar.clone(),
-        )
-        .map_err(|source| AttachError::Transport {
-            id: id.clone(),
-            source,
-        })?;
-        let device = Arc::new(Mutex::new(transport));
-        self.root
-            .lock()
-            .unwrap()
-            .add_device(slot, device.clone(), &mut self.allocator)
-            .map_err(|source| AttachError::Pci {
+        let slot = self
+            .plug(
+                &id,
+                Box::new(blk),
+                PlugOptions {
+                    kind: config.transport,
+                    ioeventfd: config.ioeventfd,
+                    poll_us: config.poll_us,
+                },
+            )
+            .map_err(|source| AttachError::Plug {
+                kind: "disk",
                 id: id.clone(),
                 source,
             })?;
@@ -218,7 +216,6 @@ impl PciDevices {
             config.transport.name(),
             if config.ioeventfd { "on" } else { "off" }
         );
-        self.devices.push((id.clone(), device));
         self.disks += 1;
         Ok(id)
     }
@@ -269,38 +266,17 @@ impl PciDevices {
             source,
         })?;
         let slot = self
-            .root
-            .lock()
-            .unwrap()
-            .free_slot()
-            .map_err(|source| AttachError::NetPci {
-                id: id.clone(),
-                source,
-            })?;
-        let transport = VirtioPciDevice::new(
-            &id,
-            Box::new(net),
-            self.mem.clone(),
-            TransportOptions {
-                kind: config.transport,
-                ioeventfd,
-                poll: Duration::from_micros(u64::from(poll_us)),
-                intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
-                io_priority_boost: self.options.io_priority_boost(),
-            },
-            self.router.clone(),
-            self.registrar.clone(),
-        )
-        .map_err(|source| AttachError::NetTransport {
-            id: id.clone(),
-            source,
-        })?;
-        let device = Arc::new(Mutex::new(transport));
-        self.root
-            .lock()
-            .unwrap()
-            .add_device(slot, device.clone(), &mut self.allocator)
-            .map_err(|source| AttachError::NetPci {
+            .plug(
+                &id,
+                Box::new(net),
+                PlugOptions {
+                    kind: config.transport,
+                    ioeventfd,
+                    poll_us,
+                },
+            )
+            .map_err(|source| AttachError::Plug {
+                kind: "net",
                 id: id.clone(),
                 source,
             })?;
@@ -315,9 +291,40 @@ impl PciDevices {
             config.queues,
             config.ioeventfd.name()
         );
-        self.devices.push((id.clone(), device));
         self.nets += 1;
         Ok(id)
+    }
+
+    /// Puts `device` behind a virtio-pci transport in the next free slot with its BARs mapped,
+    /// under `id`. Returns the slot.
+    fn plug(
+        &mut self,
+        id: &str,
+        device: Box<dyn VirtioDevice>,
+        options: PlugOptions,
+    ) -> Result<u8, PlugError> {
+        let slot = self.root.lock().unwrap().free_slot()?;
+        let transport = VirtioPciDevice::new(
+            id,
+            device,
+            self.mem.clone(),
+            TransportOptions {
+                kind: options.kind,
+                ioeventfd: options.ioeventfd,
+                poll: Duration::from_micros(u64::from(options.poll_us)),
+                intx_gsi: self.options.intx.then(|| PciRoot::intx_gsi(slot)),
+                io_priority_boost: self.options.io_priority_boost(),
+            },
+            self.router.clone(),
+            self.registrar.clone(),
+        )?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.root
+            .lock()
+            .unwrap()
+            .add_device(slot, transport.clone(), &mut self.allocator)?;
+        self.devices.push((id.to_string(), transport));
+        Ok(slot)
     }
 
     pub fn device(&self, id: &str) -> Option<SharedVirtioDevice> {

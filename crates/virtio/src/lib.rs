@@ -15,7 +15,7 @@ pub mod notifier;
 pub(crate) mod test_utils;
 pub mod transport;
 
-pub use attach::{AttachError, PciDevices, PciOptions, SharedVirtioDevice};
+pub use attach::{AttachError, PciDevices, PciOptions, PlugError, SharedVirtioDevice};
 pub use config::{BlkConfig, BlkConfigError};
 pub use net::{IoeventfdPolicy, NetConfig, NetConfigError};
 pub use transport::{TransportKind, VirtioPciDevice};
