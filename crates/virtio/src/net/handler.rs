@@ -33,8 +33,6 @@ use super::MAX_FRAME_LEN;
 use crate::counters::QueueCounters;
 use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
 
-/// A transmit this soon after a receive counts as a reply.
-const REPLY_WINDOW: Duration = Duration::from_micros(500);
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
 /// RX reads straight into the guest's buffers when the chains at hand hold this much frame
@@ -691,7 +689,7 @@ impl NetHandler {
                 }
                 offset += n;
             }
-            used.push((*head, (offset - begin) as u32));
+            used.push((*head, offset - begin));
         }
         if let Err(reason) = self.publish_used(&mut rx.queue, &used) {
             return RxOutcome::Fatal(reason);
@@ -701,10 +699,11 @@ impl NetHandler {
 
     /// Puts one frame's chains (head, bytes written) in the used ring and moves the used
     /// index once, past all of them, so the driver never sees part of a frame.
-    fn publish_used(&self, queue: &mut Queue, used: &[(u16, u32)]) -> Result<(), &'static str> {
+    fn publish_used(&self, queue: &mut Queue, used: &[(u16, usize)]) -> Result<(), &'static str> {
         let start = queue.next_used();
         let last = used.len() - 1;
         for (i, &(head, written)) in used.iter().enumerate() {
+            let written = written as u32;
             if i < last {
                 let slot = u64::from(start.wrapping_add(i as u16) % queue.size());
                 let at = GuestAddress(queue.used_ring()).checked_add(4 + slot * 8);
@@ -863,30 +862,32 @@ impl NetHandler {
             self.put_back(rx, rx.peeked.len());
             return Direct::Done(RxOutcome::Dropped);
         }
-        // The chains the frame filled; the rest go back.
-        let mut used: Vec<(u16, u32)> = Vec::with_capacity(rx.peeked.len());
+        // The chains the frame filled (each entry becomes head, bytes written); the rest
+        // go back.
         let mut left = n;
-        for &(head, chain_capacity) in &rx.peeked {
-            let written = chain_capacity.min(left);
-            used.push((head, written as u32));
-            left -= written;
+        let mut filled = 0;
+        for entry in rx.peeked.iter_mut() {
+            entry.1 = entry.1.min(left);
+            left -= entry.1;
+            filled += 1;
             if left == 0 {
                 break;
             }
         }
-        self.put_back(rx, rx.peeked.len() - used.len());
+        self.put_back(rx, rx.peeked.len() - filled);
+        rx.peeked.truncate(filled);
         if self.hdr_len >= HEADER_LEN {
             // The tap leaves num_buffers unwritten (see `deliver`).
-            let count = (used.len() as u16).to_le_bytes();
+            let count = (filled as u16).to_le_bytes();
             if !self.write_at(&rx.segments, NUM_BUFFERS_OFFSET, &count) {
                 return Direct::Done(RxOutcome::Fatal("RX buffer not writable"));
             }
         }
-        if let Err(reason) = self.publish_used(&mut rx.queue, &used) {
+        if let Err(reason) = self.publish_used(&mut rx.queue, &rx.peeked) {
             return Direct::Done(RxOutcome::Fatal(reason));
         }
         add(&self.stats.rx_direct, 1);
-        Direct::Done(RxOutcome::Delivered(used.len(), n - self.hdr_len))
+        Direct::Done(RxOutcome::Delivered(filled, n - self.hdr_len))
     }
 
     /// A frame of `n` bytes now in the bounce buffer: over-long ones are dropped.
@@ -1128,9 +1129,11 @@ impl QueueHandler for NetHandler {
                 // SAFETY: sched_getcpu has no arguments and no side effects.
                 let cpu = unsafe { libc::sched_getcpu() };
                 pair.kick_cpu.store(cpu, Ordering::Relaxed);
-                if self.since_rx(pair) < REPLY_WINDOW {
-                    // A transmit right after a receive: request/response traffic, worth the
-                    // I/O thread's short wait for the next reply.
+                if self.since_rx(pair) < self.reply_poll {
+                    // A transmit soon enough after a receive that the I/O thread's wait
+                    // would have caught it: request/response traffic, worth waiting for
+                    // the next reply. Slower answers (a guest that takes an interrupt
+                    // first: ~40 us under PVM) would only make every wait fruitless.
                     pair.replies_follow.store(true, Ordering::Relaxed);
                 }
             }

@@ -1188,6 +1188,75 @@ fn without_replies_the_io_thread_stops_waiting_for_them() {
     assert_eq!(g.used_idx(0), 2);
 }
 
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity act on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "this test needs CPUs 0 and 1"
+        );
+    }
+}
+
+#[test]
+fn a_transmit_slower_than_the_wait_after_a_receive_does_not_turn_the_wait_back_on() {
+    let mem = guest_memory(MEM_SIZE);
+    let wait = std::time::Duration::from_millis(20);
+    let mut g = guest_with(&mem, 1, all, None, wait);
+    for i in 0..4u64 {
+        g.offer(0, &[(BUF + i * 0x1000, 2048, true)]);
+    }
+    // The "I/O thread" (this one) and the "vCPU" (kicks) on different CPUs, where waiting
+    // is allowed at all.
+    pin_to_cpu(0);
+    let kick_tx = |g: &Guest| {
+        let handler = g.handler.clone();
+        std::thread::spawn(move || {
+            pin_to_cpu(1);
+            handler.process_queue(1);
+        })
+        .join()
+        .unwrap();
+    };
+    let receive = |g: &Guest, seed: u8| {
+        g.backend
+            .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, seed)));
+        let start = std::time::Instant::now();
+        g.handler.process_completions(0);
+        start.elapsed() >= wait
+    };
+    assert!(receive(&g, 0), "the first receive waits");
+    // The answer comes after the wait ended (as from a guest taking an interrupt first).
+    std::thread::sleep(wait * 2);
+    let len = put_tx(
+        &mem,
+        BUF + 0x8000,
+        &VnetHeader::default(),
+        &eth_frame(64, 1),
+    );
+    g.offer(1, &[(BUF + 0x8000, len, false)]);
+    kick_tx(&g);
+    assert_eq!(g.used_idx(1), 1);
+    assert!(!receive(&g, 1), "a late answer is no reason to wait again");
+    // A prompt one is.
+    let len = put_tx(
+        &mem,
+        BUF + 0x9000,
+        &VnetHeader::default(),
+        &eth_frame(64, 2),
+    );
+    g.offer(1, &[(BUF + 0x9000, len, false)]);
+    kick_tx(&g);
+    assert!(
+        receive(&g, 2),
+        "an answer within the wait turns waiting back on"
+    );
+    assert_eq!(g.used_idx(0), 3);
+}
+
 #[test]
 fn reset_stops_the_queues_and_the_tap_watch() {
     let mem = guest_memory(MEM_SIZE);
