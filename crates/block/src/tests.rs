@@ -502,6 +502,7 @@ engine_tests! {
     sync => EngineKind::Sync,
     io_uring => EngineKind::IoUring,
     thread_pool => EngineKind::ThreadPool,
+    mmap => EngineKind::Mmap,
 }
 
 #[test]
@@ -511,6 +512,7 @@ fn engine_kind_parses_its_names() {
         EngineKind::IoUring,
         EngineKind::ThreadPool,
         EngineKind::Sync,
+        EngineKind::Mmap,
     ] {
         assert_eq!(kind.name().parse::<EngineKind>(), Ok(kind));
     }

@@ -1,5 +1,5 @@
 //! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
-//! [,direct=on][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync]
+//! [,direct=on][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
 //! [,poll_us=N]` parsed into a [`BlkConfig`].
 
 use std::path::PathBuf;
@@ -135,7 +135,7 @@ impl FromStr for BlkConfig {
                 "engine" => {
                     config.engine = value
                         .parse()
-                        .map_err(|_| bad(key, value, "auto, io_uring, threads or sync"))?
+                        .map_err(|_| bad(key, value, "auto, io_uring, threads, sync or mmap"))?
                 }
                 "poll_us" => {
                     config.poll_us = value

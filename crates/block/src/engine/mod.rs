@@ -1,3 +1,4 @@
+mod mmap;
 mod sync;
 mod thread_pool;
 mod uring;
@@ -15,6 +16,7 @@ pub(crate) fn open(
 ) -> Result<Box<dyn BlockEngine>, BlockError> {
     let engine: Box<dyn BlockEngine> = match kind {
         EngineKind::Sync => Box::new(sync::SyncEngine::new(image.clone(), depth)?),
+        EngineKind::Mmap => Box::new(mmap::MmapEngine::new(image.clone(), depth)?),
         EngineKind::ThreadPool => {
             Box::new(thread_pool::ThreadPoolEngine::new(image.clone(), depth)?)
         }
