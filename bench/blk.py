@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""virtio-blk figures: kickvm ioeventfd=on/off, QEMU virtio-blk-pci ioeventfd=on/off and fio on
+"""virtio-blk figures: kickvm ioeventfd=on/off (and on with engine=mmap), QEMU virtio-blk-pci ioeventfd=on/off and fio on
 the host file (the backend's ceiling), same guest ELF, image, vCPUs and memory; interleaved
 rounds; medians with min-max. Then the notify path alone (kick-bench) under the four VMM
 settings beside the bare-KVM floors from bench/kick-floor.
@@ -31,9 +31,10 @@ COMPLETIONS = ["poll", "irq"]
 
 
 def vmm_settings(image: Path, vcpus: int) -> dict:
-    def kick(io: str):
+    def kick(io: str, engine: str = "auto"):
         def make(args: str):
-            return kickvm_cmd(args, cpus=vcpus, extra=["--disk", f"path={image},ioeventfd={io},queues={vcpus}"])
+            disk = f"path={image},ioeventfd={io},queues={vcpus},engine={engine}"
+            return kickvm_cmd(args, cpus=vcpus, extra=["--disk", disk])
         return make
 
     def qemu(io: str):
@@ -44,7 +45,9 @@ def vmm_settings(image: Path, vcpus: int) -> dict:
             ])
         return make
 
-    settings = {"kickvm-ioeventfd": kick("on"), "kickvm-sync": kick("off")}
+    # kickvm-mmap: the same ioeventfd path with reads copied out of a mapping of the (cached)
+    # image instead of io_uring (`engine=mmap`).
+    settings = {"kickvm-ioeventfd": kick("on"), "kickvm-sync": kick("off"), "kickvm-mmap": kick("on", "mmap")}
     if qemu_available():
         settings |= {"qemu-ioeventfd": qemu("on"), "qemu-sync": qemu("off")}
     return settings
