@@ -6,7 +6,8 @@ same guest ELF, 1 vCPU, in a throwaway network namespace. Rounds are interleaved
 once per round); medians with min-max.
 
 usage: bench/net.py [--rounds N] [--secs N] [--rtt-samples N] [--settings a,b,...]
-                    [--only g2h,h2g,echo] [--sizes 64,200,1400]
+                    [--only g2h,h2g,echo] [--sizes 64,200,1400] [--completion poll|irq]
+                    [--poll-us N] [--no-build]
 """
 
 import argparse
@@ -26,6 +27,7 @@ PEER = ROOT / "tests" / "net_peer.py"
 HOST_IP, GUEST_IP, TAP = "10.0.0.1", "10.0.0.2", "btap0"
 SIZES = [64, 200, 1400]
 RTT_SIZE = 200
+COMPLETION = "poll"  # the guest's RX completion (--completion)
 
 
 def sh(*args: str) -> None:
@@ -127,7 +129,7 @@ def guest_to_host(ns: Netns, make, size: int, secs: int) -> tuple[float, float, 
 
 
 def host_to_guest(ns: Netns, make, size: int, secs: int) -> tuple[float, float]:
-    vm = Vm(make(f"workload=net-rx ip={GUEST_IP}/24 secs={secs + 3}"))
+    vm = Vm(make(f"workload=net-rx ip={GUEST_IP}/24 secs={secs + 3} completion={COMPLETION}"))
     vm.wait_net()
     ns.peer("ping", GUEST_IP, "1")  # ARP first: the neighbour queue drops what waits for it
     ns.peer("source", f"{GUEST_IP}:9001", str(size), str(secs))
@@ -136,7 +138,7 @@ def host_to_guest(ns: Netns, make, size: int, secs: int) -> tuple[float, float]:
 
 
 def echo_rtt(ns: Netns, make, samples: int) -> tuple[float, float]:
-    vm = Vm(make(f"workload=net-echo ip={GUEST_IP}/24 secs=600"))
+    vm = Vm(make(f"workload=net-echo ip={GUEST_IP}/24 secs=600 completion={COMPLETION}"))
     vm.wait_net()
     ns.peer("rtt", GUEST_IP, "16", "50")  # warm-up: ARP, caches
     r = ns.peer("rtt", GUEST_IP, str(RTT_SIZE), str(samples), timeout=300)
@@ -156,8 +158,12 @@ def main() -> None:
     ap.add_argument("--poll-us", type=int, default=None, help="also run kickvm-auto-pN: auto with poll_us=N")
     ap.add_argument("--only", default="g2h,h2g,echo", help="which measurements (g2h, h2g, echo)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="payload sizes for g2h/h2g")
+    ap.add_argument("--completion", choices=["poll", "irq"], default="poll",
+                    help="the guest's RX completion for h2g and echo (g2h polls either way)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
+    global COMPLETION
+    COMPLETION = args.completion
     if not args.no_build:
         build()
     ns = Netns(f"kvmbench-{int(time.time()) % 100000}")
@@ -203,7 +209,8 @@ def report(names, rows, samples, losses, rounds, secs) -> None:
     table = markdown_table(["metric", *names], [
         [r, *(summarise(samples[n][r]).fmt() for n in names)] for r in rows])
     loss_line = ", ".join(f"{n} {max(losses[n]):.2f}%" for n in names if losses[n])
-    text = (f"virtio-net, 1 vCPU, UDP over tap, {rounds} interleaved rounds of {secs} s, "
+    text = (f"virtio-net, 1 vCPU, UDP over tap, guest RX completion {COMPLETION}, "
+            f"{rounds} interleaved rounds of {secs} s, "
             f"median (min-max); Mbit/s = UDP payload\n\n{table}\n\n"
             f"largest guest-to-host loss (device took, host socket did not see): {loss_line}\n")
     print(text)

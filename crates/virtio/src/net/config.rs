@@ -9,10 +9,10 @@ use crate::transport::TransportKind;
 /// With `ioeventfd=on`, how long the I/O thread keeps polling a pair after its last progress
 /// (0: it sleeps in epoll right away). Measured harmful on a 2-core host, hence 0.
 pub const DEFAULT_POLL_US: u32 = 0;
-/// With `auto`, how long the I/O thread waits for a reply after delivering frames. Off by
-/// default: with it on (30 µs), `tests/net.rs`'s auto + irq echo stalled for good on a quiet
-/// machine (a lost wake-up in the reply-wait path, not yet found); `poll_us=N` turns it on.
-pub const DEFAULT_REPLY_POLL_US: u32 = 0;
+/// With `auto`, how long the I/O thread waits for a reply after delivering frames (0: never;
+/// `poll_us=N` sets it). It was off for a while: its timeout meeting the guest's next frame
+/// made the TX ring look out of range (NEEDS_RESET, a stalled echo); fixed in `tx_run`.
+pub const DEFAULT_REPLY_POLL_US: u32 = 30;
 /// With `auto`, how many TX frames the vCPU sends on its kick before it hands the rest of a
 /// burst to the I/O thread; 0: it sends the whole burst. Handing off measured worse here (see
 /// `IoeventfdPolicy`), hence 0.
@@ -36,14 +36,21 @@ pub const DEFAULT_TX_INLINE: u16 = 0;
 ///   neither plain mode has: after delivering frames the I/O thread suppresses TX kicks and
 ///   waits up to `poll_us` (30 µs) for the guest's answer, sending it itself, so a reply costs
 ///   the guest no exit. It only waits while transmits follow receives (request/response); a
-///   fruitless wait turns it off until a transmit again comes within 500 µs of a receive, so
-///   floods in either direction pay nothing. Echo round trips: median 24-45 µs in the runs
+///   fruitless wait turns it off until a transmit again comes soon enough after a receive
+///   that the wait would have caught it (within `poll_us`), so floods in either direction,
+///   and guests that take an interrupt before answering, pay nothing. Echo round trips: median 24-45 µs in the runs
 ///   where the I/O thread and the vCPU ran on different cores, against ~110 µs for `on` and
 ///   `off`; but when the scheduler put both on one core the wait only delayed the reply
 ///   (136-152 µs, every wait fruitless), so the I/O thread now waits only when it runs on
 ///   another CPU than the last kick did, and `auto` is then `off` (93-118 µs vs 93-110 µs).
 ///   In the 3-round table this gives `auto` the TX rates of `off` but no reliable round-trip
 ///   win: the goal of beating both plain modes on every row is not met on this host.
+///   Session 2: the wait's stall was a false "available index out of range" in `tx_run`
+///   (fixed); with it back on by default, 5 interleaved rounds each (load 2.5-4.4): polled
+///   echo median 34 µs (22-92) vs 110 (51-110) without it and 88 for `off`; at heavier load
+///   94 (92-96) vs 93 (25-118) and 99 for `off`; by interrupt 108 (93-131) vs 106 (100-123),
+///   `off` 104. It helps when the I/O thread finds a free core and costs nothing measurable
+///   otherwise, so it stays on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoeventfdPolicy {
     On,
