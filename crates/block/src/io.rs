@@ -69,55 +69,99 @@ pub(crate) fn is_unsupported_errno(errno: i32) -> bool {
     errno == libc::EOPNOTSUPP || errno == libc::ENOTSUP || errno == libc::ENOSYS
 }
 
+/// Iovecs a cursor holds without a heap allocation (a request's usual one data buffer).
+const INLINE_IOVECS: usize = 4;
+
 /// The iovecs of a transfer, consumed from the front as bytes move.
 pub(crate) struct IoVecCursor {
-    iovecs: Vec<libc::iovec>,
+    inline: [libc::iovec; INLINE_IOVECS],
+    inline_len: usize,
+    /// All of them instead, when there are more than fit inline.
+    spilled: Vec<libc::iovec>,
     start: usize,
 }
 
 impl IoVecCursor {
-    pub(crate) fn new(buffers: &[HostBuffer]) -> Self {
+    fn empty() -> Self {
         IoVecCursor {
-            iovecs: buffers
-                .iter()
-                .filter(|b| !b.is_empty())
-                .map(|b| libc::iovec {
-                    iov_base: b.addr().cast(),
-                    iov_len: b.len(),
-                })
-                .collect(),
+            inline: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; INLINE_IOVECS],
+            inline_len: 0,
+            spilled: Vec::new(),
             start: 0,
         }
     }
 
+    fn push(&mut self, iov: libc::iovec) {
+        if !self.spilled.is_empty() {
+            self.spilled.push(iov);
+        } else if self.inline_len < INLINE_IOVECS {
+            self.inline[self.inline_len] = iov;
+            self.inline_len += 1;
+        } else {
+            self.spilled.extend_from_slice(&self.inline);
+            self.spilled.push(iov);
+        }
+    }
+
+    fn iovecs(&self) -> &[libc::iovec] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.inline_len]
+        } else {
+            &self.spilled
+        }
+    }
+
+    fn iovecs_mut(&mut self) -> &mut [libc::iovec] {
+        if self.spilled.is_empty() {
+            &mut self.inline[..self.inline_len]
+        } else {
+            &mut self.spilled
+        }
+    }
+
+    pub(crate) fn new(buffers: &[HostBuffer]) -> Self {
+        let mut cursor = IoVecCursor::empty();
+        for b in buffers.iter().filter(|b| !b.is_empty()) {
+            cursor.push(libc::iovec {
+                iov_base: b.addr().cast(),
+                iov_len: b.len(),
+            });
+        }
+        cursor
+    }
+
     /// Up to 1 MiB of the zero buffer, for writing zeros over `len` bytes.
     pub(crate) fn zeroes(len: u64) -> Self {
-        let mut iovecs = Vec::with_capacity(ZERO_IOVECS);
+        let mut cursor = IoVecCursor::empty();
         let mut left = len;
-        while left > 0 && iovecs.len() < ZERO_IOVECS {
+        while left > 0 && cursor.iovecs().len() < ZERO_IOVECS {
             let chunk = left.min(ZERO_CHUNK as u64) as usize;
-            iovecs.push(libc::iovec {
+            cursor.push(libc::iovec {
                 // The kernel only reads from this buffer (it backs writes).
                 iov_base: ZEROES.0.as_ptr() as *mut libc::c_void,
                 iov_len: chunk,
             });
             left -= chunk as u64;
         }
-        IoVecCursor { iovecs, start: 0 }
+        cursor
     }
 
     pub(crate) fn remaining(&self) -> &[libc::iovec] {
-        &self.iovecs[self.start..]
+        &self.iovecs()[self.start..]
     }
 
     pub(crate) fn is_done(&self) -> bool {
-        self.start == self.iovecs.len()
+        self.start == self.iovecs().len()
     }
 
     /// Drops the first `n` bytes.
     pub(crate) fn advance(&mut self, mut n: usize) {
-        while n > 0 && self.start < self.iovecs.len() {
-            let iov = &mut self.iovecs[self.start];
+        while n > 0 && self.start < self.iovecs().len() {
+            let start = self.start;
+            let iov = &mut self.iovecs_mut()[start];
             if n >= iov.iov_len {
                 n -= iov.iov_len;
                 self.start += 1;
@@ -132,12 +176,12 @@ impl IoVecCursor {
 
     /// Fills what is left with zeros (a read that met the end of the file).
     pub(crate) fn zero_fill(&mut self) {
-        for iov in &self.iovecs[self.start..] {
+        for iov in self.remaining() {
             // SAFETY: the buffers are writable host memory for the life of the request
             // (HostBuffer::new's contract) and this is a Read, so writing them is expected.
             unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
         }
-        self.start = self.iovecs.len();
+        self.start = self.iovecs().len();
     }
 }
 

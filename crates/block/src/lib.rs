@@ -39,7 +39,9 @@ use std::sync::Arc;
 
 pub use error::BlockError;
 pub use image::{DirectIoAlignment, DiskImage, DiskOptions};
-pub use request::{Completion, HostBuffer, Request, RequestKind, MAX_SEGMENTS};
+pub use request::{
+    Buffers, Completion, HostBuffer, Request, RequestKind, INLINE_BUFFERS, MAX_SEGMENTS,
+};
 
 /// An I/O engine serving one image for one queue. Not shared between threads: each I/O
 /// thread owns its own. Dropping an engine waits until no request is in flight any more, so

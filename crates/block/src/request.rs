@@ -50,6 +50,80 @@ impl HostBuffer {
     }
 }
 
+/// Buffers a request holds without a heap allocation; more spill to a `Vec`.
+pub const INLINE_BUFFERS: usize = 4;
+
+/// A request's buffers, in order. Up to [`INLINE_BUFFERS`] live inline: a virtio-blk request
+/// usually has one data buffer, and building it then allocates nothing.
+#[derive(Debug, Clone)]
+pub struct Buffers {
+    inline: [HostBuffer; INLINE_BUFFERS],
+    inline_len: usize,
+    spilled: Vec<HostBuffer>,
+}
+
+impl Buffers {
+    const EMPTY: HostBuffer = HostBuffer {
+        addr: std::ptr::null_mut(),
+        len: 0,
+    };
+
+    pub fn new() -> Self {
+        Buffers {
+            inline: [Self::EMPTY; INLINE_BUFFERS],
+            inline_len: 0,
+            spilled: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, buffer: HostBuffer) {
+        if !self.spilled.is_empty() {
+            self.spilled.push(buffer);
+        } else if self.inline_len < INLINE_BUFFERS {
+            self.inline[self.inline_len] = buffer;
+            self.inline_len += 1;
+        } else {
+            self.spilled.reserve(INLINE_BUFFERS * 2);
+            self.spilled.extend_from_slice(&self.inline);
+            self.spilled.push(buffer);
+        }
+    }
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for Buffers {
+    type Target = [HostBuffer];
+
+    fn deref(&self) -> &[HostBuffer] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.inline_len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+impl From<Vec<HostBuffer>> for Buffers {
+    fn from(buffers: Vec<HostBuffer>) -> Self {
+        buffers.into_iter().collect()
+    }
+}
+
+impl FromIterator<HostBuffer> for Buffers {
+    fn from_iter<I: IntoIterator<Item = HostBuffer>>(iter: I) -> Self {
+        let mut buffers = Buffers::new();
+        for b in iter {
+            buffers.push(b);
+        }
+        buffers
+    }
+}
+
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -75,28 +149,28 @@ pub struct Request {
     pub offset: u64,
     /// Length in bytes for Discard and WriteZeroes; ignored otherwise.
     pub len: u64,
-    pub buffers: Vec<HostBuffer>,
+    pub buffers: Buffers,
     /// Returned untouched in the request's [`Completion`] (e.g. the descriptor chain head).
     pub user_data: u64,
 }
 
 impl Request {
-    pub fn read(offset: u64, buffers: Vec<HostBuffer>, user_data: u64) -> Self {
+    pub fn read(offset: u64, buffers: impl Into<Buffers>, user_data: u64) -> Self {
         Request {
             kind: RequestKind::Read,
             offset,
             len: 0,
-            buffers,
+            buffers: buffers.into(),
             user_data,
         }
     }
 
-    pub fn write(offset: u64, buffers: Vec<HostBuffer>, user_data: u64) -> Self {
+    pub fn write(offset: u64, buffers: impl Into<Buffers>, user_data: u64) -> Self {
         Request {
             kind: RequestKind::Write,
             offset,
             len: 0,
-            buffers,
+            buffers: buffers.into(),
             user_data,
         }
     }
@@ -106,7 +180,7 @@ impl Request {
             kind: RequestKind::Flush,
             offset: 0,
             len: 0,
-            buffers: Vec::new(),
+            buffers: Buffers::new(),
             user_data,
         }
     }
@@ -116,7 +190,7 @@ impl Request {
             kind: RequestKind::Discard,
             offset,
             len,
-            buffers: Vec::new(),
+            buffers: Buffers::new(),
             user_data,
         }
     }
@@ -126,7 +200,7 @@ impl Request {
             kind: RequestKind::WriteZeroes { unmap },
             offset,
             len,
-            buffers: Vec::new(),
+            buffers: Buffers::new(),
             user_data,
         }
     }
@@ -185,7 +259,7 @@ impl Request {
             {
                 return Err(e);
             }
-            for b in &self.buffers {
+            for b in self.buffers.iter() {
                 if let Some(e) = misaligned("buffer address", b.addr as u64, align.memory)
                     .or_else(|| misaligned("buffer length", b.len as u64, align.memory))
                 {

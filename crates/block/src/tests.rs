@@ -506,6 +506,23 @@ engine_tests! {
 }
 
 #[test]
+fn buffers_keep_their_order_inline_and_once_spilled() {
+    let mut mem = AlignedBuf::new(4096);
+    let pieces: Vec<HostBuffer> = (0..INLINE_BUFFERS * 2 + 1)
+        .map(|i| mem.host(i * 8..i * 8 + i + 1))
+        .collect();
+    for n in [0, 1, INLINE_BUFFERS, INLINE_BUFFERS + 1, pieces.len()] {
+        let buffers: Buffers = pieces[..n].iter().copied().collect();
+        assert_eq!(&buffers[..], &pieces[..n], "{n} buffers");
+        let request = Request::read(0, pieces[..n].to_vec(), 1);
+        assert_eq!(&request.buffers[..], &pieces[..n]);
+        let cursor = crate::io::IoVecCursor::new(&request.buffers);
+        let lens: Vec<usize> = cursor.remaining().iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, (1..=n).collect::<Vec<_>>());
+    }
+}
+
+#[test]
 fn engine_kind_parses_its_names() {
     for kind in [
         EngineKind::Auto,

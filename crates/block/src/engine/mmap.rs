@@ -96,7 +96,7 @@ impl MmapEngine {
     /// the mapping and the file as it is now.
     fn copy_out(&self, request: &Request) {
         let mut offset = request.offset as usize;
-        for buffer in &request.buffers {
+        for buffer in request.buffers.iter() {
             // SAFETY: `offset..offset + len` lies inside the mapping and below the file's
             // current end (checked by the caller), so the source pages exist; the buffer is
             // writable host memory for the request's life (HostBuffer::new's contract) and

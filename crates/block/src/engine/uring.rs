@@ -187,9 +187,10 @@ impl IoUringEngine {
             return;
         };
         let entry = Self::sqe(op).user_data(slot as u64);
-        // SAFETY: the SQE points at the slot's iovec array (heap memory owned by the Op, which
-        // lives until its CQE is processed) and at caller buffers valid until the completion
-        // is reaped (HostBuffer::new's contract), or at the static zero buffer.
+        // SAFETY: the SQE points at the slot's iovec array (inside the Op, or on the heap when
+        // it spilled; the Op stays in place in `slots`, which never grows, until its CQE is
+        // processed) and at caller buffers valid until the completion is reaped
+        // (HostBuffer::new's contract), or at the static zero buffer.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_ok() {
             self.sqes_out += 1;

@@ -4,8 +4,7 @@
 //! Layout (virtio 1.x 5.2.6): a device-readable 16-byte header `{type, reserved, sector}`, data
 //! buffers, and a device-writable status byte, which is the last byte of the last descriptor.
 
-use kickvm_block::{HostBuffer, Request};
-use virtio_queue::desc::split::Descriptor;
+use kickvm_block::{Buffers, HostBuffer, Request};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -54,19 +53,74 @@ fn answer(status: GuestAddress, value: u8) -> Parsed {
     }
 }
 
+/// A chain's data segments `(address, length, device-writable)`, empty ones left out; the
+/// usual one or two are kept without a heap allocation (this runs for every request).
+struct Segments {
+    inline: [(GuestAddress, u32, bool); INLINE_SEGMENTS],
+    inline_len: usize,
+    spilled: Vec<(GuestAddress, u32, bool)>,
+}
+
+const INLINE_SEGMENTS: usize = 4;
+
+impl Segments {
+    fn new() -> Self {
+        Segments {
+            inline: [(GuestAddress(0), 0, false); INLINE_SEGMENTS],
+            inline_len: 0,
+            spilled: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, segment: (GuestAddress, u32, bool)) {
+        if segment.1 == 0 {
+            return;
+        }
+        if !self.spilled.is_empty() {
+            self.spilled.push(segment);
+        } else if self.inline_len < INLINE_SEGMENTS {
+            self.inline[self.inline_len] = segment;
+            self.inline_len += 1;
+        } else {
+            self.spilled.extend_from_slice(&self.inline);
+            self.spilled.push(segment);
+        }
+    }
+
+    fn as_slice(&self) -> &[(GuestAddress, u32, bool)] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.inline_len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
 pub fn parse(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     limits: &RequestLimits,
 ) -> Parsed {
     let head = chain.head_index();
-    let descriptors: Vec<Descriptor> = chain.collect();
-    let Some(last) = descriptors.last() else {
+    let mut descriptors = chain;
+    let Some(header_desc) = descriptors.next() else {
         return Parsed::Broken {
             reason: "empty or unreadable descriptor chain",
             fatal: true,
         };
     };
+    // Every descriptor between the header and the last one carries data.
+    let mut segments = Segments::new();
+    let mut last = header_desc;
+    let mut count = 1usize;
+    for d in descriptors {
+        if count >= 2 {
+            segments.push((last.addr(), last.len(), last.is_write_only()));
+        }
+        last = d;
+        count += 1;
+    }
+    let last = &last;
     if last.has_next() {
         // The chain iterator stops after queue-size descriptors or at an index out of range:
         // a loop, or a next pointer off the table.
@@ -98,8 +152,7 @@ pub fn parse(
         answer(status, VIRTIO_BLK_S_IOERR)
     };
 
-    let header_desc = descriptors[0];
-    if descriptors.len() < 2 {
+    if count < 2 {
         return ioerr("chain too short for header and status");
     }
     if header_desc.is_write_only() || header_desc.len() < HEADER_LEN {
@@ -120,14 +173,10 @@ pub fn parse(
 
     // Data: every descriptor between header and status, plus the status descriptor's bytes
     // before the status byte (drivers may put the two together).
-    let mut data: Vec<(GuestAddress, u32, bool)> = descriptors[1..descriptors.len() - 1]
-        .iter()
-        .map(|d| (d.addr(), d.len(), d.is_write_only()))
-        .collect();
     if last.len() > 1 {
-        data.push((last.addr(), last.len() - 1, true));
+        segments.push((last.addr(), last.len() - 1, true));
     }
-    data.retain(|&(_, len, _)| len > 0);
+    let data = segments.as_slice();
 
     match request_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
@@ -157,8 +206,8 @@ pub fn parse(
             {
                 return ioerr("sector past the end of the disk");
             }
-            let mut buffers = Vec::with_capacity(data.len());
-            for &(addr, len, _) in &data {
+            let mut buffers = Buffers::new();
+            for &(addr, len, _) in data {
                 let Ok(slice) = mem.get_slice(addr, len as usize) else {
                     return ioerr("data buffer outside guest memory");
                 };
