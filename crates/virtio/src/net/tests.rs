@@ -1158,6 +1158,47 @@ fn a_reply_posted_soon_after_a_receive_goes_out_without_a_kick() {
 }
 
 #[test]
+fn the_wait_sends_what_was_published_and_leaves_later_frames_to_the_kick() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest_with(&mem, 1, all, None, std::time::Duration::from_secs(2));
+    g.offer(0, &[(BUF + 0x10_000, 2048, true)]);
+    // Three frames already published without a kick when the frame arrives: the wait ends at
+    // once and sends them, and kicks are asked for from the driver's index on.
+    for i in 0..3u64 {
+        let len = put_tx(
+            &mem,
+            BUF + i * 0x1000,
+            &VnetHeader::default(),
+            &eth_frame(64, i as u8),
+        );
+        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
+    }
+    g.backend
+        .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 9)));
+    let start = std::time::Instant::now();
+    g.handler.process_completions(0);
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(g.used_idx(1), 3);
+    assert_eq!(avail_event(&g, 1), 3, "the next publish must kick");
+    for i in 0..3u8 {
+        assert_eq!(
+            g.backend.host_recv(0).unwrap()[HEADER_LEN..],
+            eth_frame(64, i)[..]
+        );
+    }
+    // A frame published after that comes with its kick.
+    let len = put_tx(
+        &mem,
+        BUF + 0x5000,
+        &VnetHeader::default(),
+        &eth_frame(64, 5),
+    );
+    g.offer(1, &[(BUF + 0x5000, len, false)]);
+    g.handler.process_queue(1);
+    assert_eq!(g.used_idx(1), 4);
+}
+
+#[test]
 fn without_replies_the_io_thread_stops_waiting_for_them() {
     let mem = guest_memory(MEM_SIZE);
     let mut g = guest_with(&mem, 1, all, Some(8), std::time::Duration::from_millis(50));
