@@ -1,10 +1,15 @@
 //! Guest RAM: anonymous, lazily-populated mappings (MAP_NORESERVE) registered with KVM.
 //! Nothing here touches guest pages; the kernel faults them in as the guest (or the loader)
-//! first writes them.
+//! first writes them. When another process must reach guest memory (a vhost-user backend) it
+//! is a memfd mapped shared instead, passed to that process by file descriptor.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::layout;
 
@@ -17,6 +22,8 @@ pub enum MemoryError {
         size_mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot create the shared guest memory file: {0}")]
+    SharedFile(std::io::Error),
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot {
         slot: u32,
@@ -24,16 +31,58 @@ pub enum MemoryError {
     },
 }
 
-/// Maps `mem_size` bytes of guest RAM laid out around the 32-bit PCI hole.
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+/// Maps `mem_size` bytes of guest RAM laid out around the 32-bit PCI hole; `shared`: backed by
+/// one memfd (sealed against shrinking), each region at its offset in it.
+pub fn create_guest_memory(mem_size: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges = layout::ram_ranges(mem_size);
+    let map_err = |source| MemoryError::Map {
         size_mib: mem_size >> 20,
         source,
-    })
+    };
+    if !shared {
+        let ranges: Vec<(GuestAddress, usize)> = ranges
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(map_err);
+    }
+    let file = Arc::new(shared_memory_file(mem_size).map_err(MemoryError::SharedFile)?);
+    let mut offset = 0u64;
+    let regions: Vec<_> = ranges
+        .into_iter()
+        .map(|(start, len)| {
+            let region = (
+                GuestAddress(start),
+                len as usize,
+                Some(FileOffset::from_arc(file.clone(), offset)),
+            );
+            offset += len;
+            region
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&regions).map_err(map_err)
+}
+
+fn shared_memory_file(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string; memfd_create has no other preconditions.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"kickvm-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor, which nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    // Neither kickvm nor the backend may shrink it under the other's mappings.
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Gives every RAM region its own KVM memory slot, numbered from 0.

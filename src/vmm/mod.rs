@@ -85,6 +85,11 @@ impl VmError {
                 kickvm_virtio::AttachError::Image { .. }
                     | kickvm_virtio::AttachError::Device { .. }
                     | kickvm_virtio::AttachError::DuplicateId(_)
+                    | kickvm_virtio::AttachError::VhostUser {
+                        source: kickvm_virtio::vhost_user::VhostUserError::Connect { .. }
+                            | kickvm_virtio::vhost_user::VhostUserError::Missing { .. },
+                        ..
+                    }
             ),
             _ => false,
         }
@@ -152,7 +157,9 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         log::debug!("VM created with in-kernel irqchip and PIT");
 
-        let memory = memory::create_guest_memory(config.memory_bytes)?;
+        // A vhost-user backend maps guest memory itself: it must be a shareable file.
+        let shared_memory = config.disks.iter().any(|d| d.vhost_user.is_some());
+        let memory = memory::create_guest_memory(config.memory_bytes, shared_memory)?;
         memory::register_with_kvm(&vm_fd, &memory)?;
         log::debug!("guest memory registered");
 

@@ -30,6 +30,7 @@ use crate::net::{
     DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
 };
 use crate::transport::{TransportError, TransportKind, TransportOptions, VirtioPciDevice};
+use crate::vhost_user::VhostUserBlk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -39,6 +40,11 @@ pub enum AttachError {
     Routing(IrqError),
     #[error("disk {id}: {source}")]
     Image { id: String, source: BlockError },
+    #[error("disk {id}: {source}")]
+    VhostUser {
+        id: String,
+        source: crate::vhost_user::VhostUserError,
+    },
     #[error("disk {id}: {source}")]
     Device { id: String, source: BlkDeviceError },
     #[error("{kind} {id}: {source}")]
@@ -171,6 +177,9 @@ impl PciDevices {
         if self.device(&id).is_some() {
             return Err(AttachError::DuplicateId(id));
         }
+        if let Some(socket) = &config.vhost_user {
+            return self.add_vhost_user_disk(id, socket, config);
+        }
         let image = DiskImage::open(
             &config.path,
             DiskOptions {
@@ -213,6 +222,46 @@ impl PciDevices {
         log::info!(
             "{id}: {} at 00:{slot:02x}.0 ({}, ioeventfd={})",
             config.path.display(),
+            config.transport.name(),
+            if config.ioeventfd { "on" } else { "off" }
+        );
+        self.disks += 1;
+        Ok(id)
+    }
+
+    /// A disk served by a vhost-user-blk backend: kickvm keeps the transport, the backend runs
+    /// the rings (guest memory must be shared: see `vhost_user`).
+    fn add_vhost_user_disk(
+        &mut self,
+        id: String,
+        socket: &std::path::Path,
+        config: &BlkConfig,
+    ) -> Result<String, AttachError> {
+        let device =
+            VhostUserBlk::connect(socket, config.queues, config.queue_size).map_err(|source| {
+                AttachError::VhostUser {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        let slot = self
+            .plug(
+                &id,
+                Box::new(device),
+                PlugOptions {
+                    kind: config.transport,
+                    ioeventfd: config.ioeventfd,
+                    poll_us: 0,
+                },
+            )
+            .map_err(|source| AttachError::Plug {
+                kind: "disk",
+                id: id.clone(),
+                source,
+            })?;
+        log::info!(
+            "{id}: vhost-user-blk {} at 00:{slot:02x}.0 ({}, ioeventfd={})",
+            socket.display(),
             config.transport.name(),
             if config.ioeventfd { "on" } else { "off" }
         );

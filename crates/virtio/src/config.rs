@@ -1,6 +1,7 @@
 //! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
 //! [,direct=on][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
-//! [,poll_us=N]` parsed into a [`BlkConfig`].
+//! [,poll_us=N]` or `--disk socket=PATH[,ioeventfd=..][,transport=..][,queues=N][,id=..]
+//! [,queue_size=N]` (a vhost-user-blk backend) parsed into a [`BlkConfig`].
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -15,9 +16,13 @@ pub const DEFAULT_POLL_US: u32 = 50;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlkConfigError {
-    #[error("--disk needs path=PATH")]
+    #[error("--disk needs path=PATH (a raw image) or socket=PATH (a vhost-user-blk backend)")]
     MissingPath,
-    #[error("--disk: unknown option `{0}` (known: path, readonly, ioeventfd, transport, direct, serial, queues, id, queue_size, engine, poll_us)")]
+    #[error("--disk: path= and socket= exclude each other (an image, or a vhost-user backend)")]
+    PathAndSocket,
+    #[error("--disk: `{0}` does not apply to a vhost-user disk (socket=): the backend decides")]
+    NotForVhostUser(String),
+    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, serial, queues, id, queue_size, engine, poll_us)")]
     UnknownOption(String),
     #[error("--disk: option `{0}` given twice")]
     Duplicate(String),
@@ -35,6 +40,8 @@ pub enum BlkConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlkConfig {
     pub path: PathBuf,
+    /// `socket=PATH`: the disk is a vhost-user-blk backend listening there (`path` is empty).
+    pub vhost_user: Option<PathBuf>,
     pub readonly: bool,
     /// The notify-path property: kicks through ioeventfd to the I/O thread (on) or as exits
     /// handled on the vCPU thread (off).
@@ -55,6 +62,7 @@ impl Default for BlkConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::new(),
+            vhost_user: None,
             readonly: false,
             ioeventfd: true,
             transport: TransportKind::Transitional,
@@ -100,6 +108,8 @@ impl FromStr for BlkConfig {
             match key {
                 "path" if !value.is_empty() => config.path = PathBuf::from(value),
                 "path" => return Err(BlkConfigError::MissingPath),
+                "socket" if !value.is_empty() => config.vhost_user = Some(PathBuf::from(value)),
+                "socket" => return Err(bad(key, value, "the backend's unix socket path")),
                 "readonly" => config.readonly = on_off(key, value)?,
                 "ioeventfd" => config.ioeventfd = on_off(key, value)?,
                 "direct" => config.direct = on_off(key, value)?,
@@ -147,7 +157,21 @@ impl FromStr for BlkConfig {
                 other => return Err(BlkConfigError::UnknownOption(other.into())),
             }
         }
-        if config.path.as_os_str().is_empty() {
+        if config.vhost_user.is_some() {
+            // Backends built on libvhost-user (qemu-storage-daemon's) refuse legacy drivers:
+            // offer the modern interface unless told otherwise.
+            if !seen.contains(&"transport") {
+                config.transport = TransportKind::Modern;
+            }
+            if seen.contains(&"path") {
+                return Err(BlkConfigError::PathAndSocket);
+            }
+            const BACKEND_OPTIONS: [&str; 5] =
+                ["readonly", "direct", "serial", "engine", "poll_us"];
+            if let Some(option) = seen.iter().find(|k| BACKEND_OPTIONS.contains(k)) {
+                return Err(BlkConfigError::NotForVhostUser(option.to_string()));
+            }
+        } else if config.path.as_os_str().is_empty() {
             return Err(BlkConfigError::MissingPath);
         }
         Ok(config)
@@ -219,6 +243,28 @@ mod tests {
             err("path=/a,serial=123456789012345678901"),
             BlkConfigError::SerialTooLong(_)
         ));
+    }
+
+    #[test]
+    fn a_socket_makes_a_vhost_user_disk_and_excludes_image_options() {
+        let c: BlkConfig = "socket=/run/blk.sock,queues=2,ioeventfd=off"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            c.vhost_user.as_deref(),
+            Some(std::path::Path::new("/run/blk.sock"))
+        );
+        assert_eq!((c.queues, c.ioeventfd), (2, false));
+        assert_eq!(c.transport, TransportKind::Modern);
+        let legacy: BlkConfig = "socket=/s,transport=transitional".parse().unwrap();
+        assert_eq!(legacy.transport, TransportKind::Transitional);
+        let err = |s: &str| s.parse::<BlkConfig>().unwrap_err();
+        assert_eq!(err("socket=/s,path=/a"), BlkConfigError::PathAndSocket);
+        assert_eq!(
+            err("socket=/s,readonly=on"),
+            BlkConfigError::NotForVhostUser("readonly".into())
+        );
+        assert!(matches!(err("socket="), BlkConfigError::BadValue { .. }));
     }
 
     #[test]

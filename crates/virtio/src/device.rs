@@ -106,6 +106,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError>;
+    /// An external backend (vhost-user) reads the queues' kick eventfds: the transport keeps
+    /// them registered with KVM but out of its I/O thread (the notifier's host-notifier mode).
+    fn takes_host_notifiers(&self) -> bool {
+        false
+    }
     /// Stops using the queues: waits for requests in flight, then forgets them. The device is
     /// ready to be activated again.
     fn reset(&mut self);

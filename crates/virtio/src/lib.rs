@@ -14,6 +14,7 @@ pub mod notifier;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
+pub mod vhost_user;
 
 pub use attach::{AttachError, PciDevices, PciOptions, PlugError, SharedVirtioDevice};
 pub use config::{BlkConfig, BlkConfigError};

@@ -2,15 +2,15 @@
 //!
 //! A kick is delivered by **ioeventfd** (KVM signals the queue's eventfd, the I/O thread reads
 //! it; the vCPU does not exit to userspace), **sync** (the write exits and the vCPU thread runs
-//! the queue handler inline) or is owned by an external backend (**host notifier**). ioeventfd
-//! is in force only while all of these hold:
+//! the queue handler inline) or is owned by an external backend (**host notifier**: a vhost-user
+//! backend reads the eventfd KVM signals; the I/O thread does not watch it). The doorbell is
+//! an ioeventfd only while all of these hold:
 //!
 //! | input              | set by                                       |
 //! | ------------------ | -------------------------------------------- |
 //! | `ioeventfd=on`     | the device property ([`Notifier::set_ioeventfd`]) |
 //! | status DRIVER_OK   | [`Notifier::driver_ok`] / [`Notifier::driver_ok_lost`] (also reset) |
 //! | VM running         | [`Notifier::vm_paused`] / [`Notifier::vm_resumed`] |
-//! | no host notifier   | [`Notifier::take_host_notifier`] / [`Notifier::release_host_notifier`] |
 //! | KVM accepted       | a refused registration ([`SyncReason::KvmRefused`]) is sticky until the property is set on again |
 //!
 //! Every event recomputes the wanted mode and moves to it ([`Notifier::reconcile`]):
@@ -19,7 +19,8 @@
 //! | ----------------------------- | ------ |
 //! | DRIVER_OK                     | register each ready queue's ioeventfd, then add it to the I/O thread |
 //! | DRIVER_OK lost / reset        | deregister, remove from the I/O thread, drain the eventfd and process the queue inline |
-//! | host notifier taken           | same as losing DRIVER_OK; the backend owns the eventfd |
+//! | host notifier taken           | the I/O thread stops watching the eventfds; KVM keeps signalling them, now for the backend. Without an ioeventfd (off, refused, paused) a kick exits and the handler signals the backend's eventfd itself |
+//! | host notifier released        | the I/O thread watches the eventfds again (and reads what they hold) |
 //! | VM paused                     | deregister and drain; a drained kick is kept and re-signalled on resume |
 //! | VM resumed                    | register again, re-signal kept kicks |
 //! | restore                       | enable iff the restored status has DRIVER_OK; signal every doorbell once (a spurious kick is harmless, a lost one is not) |
@@ -222,14 +223,48 @@ impl Notifier {
     }
 
     /// An external backend takes the kicks: the transport stops handling them.
+    /// What the eventfds hold stays there, for the backend.
     pub fn take_host_notifier(&mut self, sink: &dyn KickSink) {
+        if self.host_notifier {
+            return;
+        }
         self.host_notifier = true;
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.registered {
+                self.watcher.unwatch(index, &queue.kick);
+            }
+        }
         self.reconcile(sink);
     }
 
     pub fn release_host_notifier(&mut self, sink: &dyn KickSink) {
+        if !self.host_notifier {
+            return;
+        }
         self.host_notifier = false;
+        let mut unwatchable = false;
+        for index in 0..self.queues.len() {
+            let queue = &self.queues[index];
+            if queue.registered {
+                if let Err(e) = self.watcher.watch(index, &queue.kick) {
+                    log::warn!(
+                        "{} queue {index}: the I/O thread cannot watch the kick eventfd: {e}",
+                        self.name
+                    );
+                    self.refusal = Some(format!("the I/O thread cannot watch the eventfd: {e}"));
+                    unwatchable = true;
+                }
+            }
+        }
+        if unwatchable {
+            self.refused = true;
+        }
         self.reconcile(sink);
+    }
+
+    /// Whether an external backend owns the kicks.
+    pub fn host_notifier(&self) -> bool {
+        self.host_notifier
     }
 
     /// A BAR holding doorbells moved: registrations follow, keeping their eventfds, so a kick
@@ -275,15 +310,12 @@ impl Notifier {
             log::debug!("{}: kick for nonexistent queue {queue} ignored", self.name);
             return;
         };
-        if self.queues[queue].mode == NotifyMode::HostNotifier {
-            return;
-        }
         QueueCounters::add(&counters.kicks_exit, 1);
         sink.process_kick(queue);
     }
 
     fn wants_ioeventfd(&self) -> bool {
-        self.property_on && self.driver_ok && self.running && !self.host_notifier && !self.refused
+        self.property_on && self.driver_ok && self.running && !self.refused
     }
 
     /// Moves every queue to the mode the inputs call for.
@@ -318,6 +350,11 @@ impl Notifier {
                 self.disable(sink, false);
                 return;
             }
+            if self.host_notifier {
+                // The backend reads the eventfd.
+                queue.registered = true;
+                continue;
+            }
             if let Err(e) = self.watcher.watch(index, &queue.kick) {
                 let _ = self.registrar.unregister(&queue.kick, doorbell);
                 log::warn!(
@@ -348,8 +385,12 @@ impl Notifier {
                     );
                 }
             }
-            self.watcher.unwatch(index, &queue.kick);
             queue.registered = false;
+            if self.host_notifier {
+                // What KVM signalled before the deregistration is the backend's to read.
+                continue;
+            }
+            self.watcher.unwatch(index, &queue.kick);
             // Anything KVM signalled before the deregistration is still in the eventfd.
             if let Ok(count) = queue.kick.read() {
                 QueueCounters::add(&self.counters[index].kicks_ioeventfd, count);
@@ -372,7 +413,7 @@ impl Notifier {
             if queue.registered {
                 // The I/O thread picks it up; counted as an ioeventfd kick when read.
                 self.counters[index].replay_kick(&queue.kick);
-            } else if self.driver_ok && !self.host_notifier {
+            } else if self.driver_ok {
                 sink.process_kick(index);
             }
         }
@@ -381,10 +422,10 @@ impl Notifier {
     fn update_modes(&mut self) {
         for index in 0..self.queues.len() {
             let queue = &self.queues[index];
-            let mode = if queue.registered {
-                NotifyMode::Ioeventfd
-            } else if self.host_notifier {
+            let mode = if queue.registered && self.host_notifier {
                 NotifyMode::HostNotifier
+            } else if queue.registered {
+                NotifyMode::Ioeventfd
             } else if !self.property_on {
                 NotifyMode::Sync(SyncReason::PropertyOff)
             } else if self.refused {
@@ -702,21 +743,51 @@ mod tests {
     }
 
     #[test]
-    fn host_notifier_takes_the_queues_away_from_the_transport() {
+    fn a_host_notifier_keeps_the_ioeventfd_for_the_backend_and_the_io_thread_stops_watching() {
         let mut r = rig(1, true, None);
         r.driver_ok();
-        assert!(r.registrar.guest_writes(doorbell(0), &r.kicks));
+        assert!(r.watcher.watched.lock().unwrap().contains(&0));
         r.notifier.take_host_notifier(&r.sink);
         assert_eq!(r.notifier.mode(0), Some(NotifyMode::HostNotifier));
-        assert_eq!(
-            r.processed(),
-            vec![0],
-            "kicks from before the hand-over are handled"
+        assert!(!r.watcher.watched.lock().unwrap().contains(&0));
+        assert!(
+            r.registrar.guest_writes(doorbell(0), &r.kicks),
+            "KVM still signals the eventfd"
         );
-        r.notifier.exit_kick(0, &r.sink);
-        assert_eq!(r.processed(), vec![0]);
+        assert_eq!(
+            r.kicks[0].read().unwrap(),
+            1,
+            "the kick waits for the backend"
+        );
+        assert!(r.processed().is_empty(), "the transport did not take it");
+
+        // Paused: the doorbell exits, and the handler passes the kick on.
+        r.notifier.vm_paused(&r.sink);
+        assert_eq!(r.registrations(), 0);
+        r.notifier.vm_resumed(&r.sink);
+        assert_eq!(r.notifier.mode(0), Some(NotifyMode::HostNotifier));
+        assert!(!r.watcher.watched.lock().unwrap().contains(&0));
+
         r.notifier.release_host_notifier(&r.sink);
         assert_eq!(r.notifier.mode(0), Some(NotifyMode::Ioeventfd));
+        assert!(r.watcher.watched.lock().unwrap().contains(&0));
+    }
+
+    #[test]
+    fn a_host_notifier_with_ioeventfd_off_gets_its_kicks_through_the_handler() {
+        let mut r = rig(1, false, None);
+        r.notifier.take_host_notifier(&r.sink);
+        r.driver_ok();
+        assert_eq!(
+            r.notifier.mode(0),
+            Some(NotifyMode::Sync(SyncReason::PropertyOff))
+        );
+        assert_eq!(r.registrations(), 0);
+        r.notifier.exit_kick(0, &r.sink);
+        assert_eq!(r.processed(), vec![0], "the handler signals the backend");
+        r.notifier.set_ioeventfd(true, &r.sink);
+        assert_eq!(r.notifier.mode(0), Some(NotifyMode::HostNotifier));
+        assert!(r.watcher.watched.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl VirtioPciDevice {
         let kicks = (0..num_queues)
             .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let notifier = Notifier::new(
+        let mut notifier = Notifier::new(
             id,
             options.ioeventfd,
             kicks.clone(),
@@ -276,6 +276,9 @@ impl VirtioPciDevice {
             io_thread.clone(),
             counters.clone(),
         );
+        if device.takes_host_notifiers() {
+            notifier.take_host_notifier(&HandlerSink(None));
+        }
         let regs = Registers::new(features, device.queue_max_sizes());
         log::info!(
             "{id}: virtio-pci {} device type {device_type}, {num_queues} queue(s), ioeventfd={}",

@@ -1,0 +1,343 @@
+//! A virtio device whose queues an external vhost-user backend serves (`--disk socket=PATH`,
+//! e.g. `qemu-storage-daemon --export type=vhost-user-blk`): the seed's "host notifiers taken by
+//! vhost-user backends".
+//!
+//! kickvm keeps the transport (registers, MSI-X, the notifier state machine) and hands the
+//! backend what it needs to run the rings itself: guest memory (shared, by file descriptor), the
+//! ring addresses, and per queue two eventfds. The *kick* eventfd is the transport's own: the
+//! notifier keeps it registered as the doorbell's ioeventfd but takes it away from the I/O
+//! thread ([`crate::notifier::Notifier::take_host_notifier`]), so a guest kick goes from KVM
+//! straight to the backend. With `ioeventfd=off` (or refused, or while switching) the doorbell
+//! exits and [`VhostUserHandler::process_queue`] signals that same eventfd. The *call* eventfd is
+//! kickvm's: the I/O thread watches it and raises the queue's interrupt through the transport,
+//! so MSI-X masking and INTx keep working whatever the guest does with its vectors.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice, VirtioInterrupt};
+
+const VIRTIO_ID_BLOCK: u16 = 2;
+/// `struct virtio_blk_config` up to and including the write-zeroes fields.
+const BLK_CONFIG_LEN: u32 = 60;
+const BLK_CONFIG_NUM_QUEUES: usize = 34;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// Feature bits the transport cannot honour whatever the backend says: a platform IOMMU,
+/// packed rings and notification data (kickvm's transport sets up split rings, kicks carry
+/// no data).
+const TRANSPORT_UNSUPPORTED: u64 = (1 << 33) | (1 << 34) | (1 << 38);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    #[error("cannot connect to the vhost-user backend at {path}: {source}")]
+    Connect { path: PathBuf, source: vhost::Error },
+    #[error("vhost-user backend at {path}: {what} failed: {source}")]
+    Protocol {
+        path: PathBuf,
+        what: &'static str,
+        source: vhost::Error,
+    },
+    #[error("vhost-user backend at {path} does not offer {what}, which kickvm needs")]
+    Missing { path: PathBuf, what: &'static str },
+}
+
+/// A vhost-user-blk device: config space and features come from the backend.
+pub struct VhostUserBlk {
+    path: PathBuf,
+    frontend: Frontend,
+    /// Virtio features the backend offers the driver.
+    features: u64,
+    /// Whether VHOST_USER_F_PROTOCOL_FEATURES was negotiated (rings then start disabled).
+    protocol: bool,
+    queue_sizes: Vec<u16>,
+    config: Vec<u8>,
+    /// Queues handed to the backend by the last activation.
+    started: Vec<usize>,
+}
+
+impl VhostUserBlk {
+    /// Connects to the backend at `path` and learns its features and configuration. The device
+    /// gets `queues` queues (fewer if the backend has fewer) of `queue_size` entries.
+    pub fn connect(path: &Path, queues: u16, queue_size: u16) -> Result<Self, VhostUserError> {
+        let protocol_err = |what| {
+            move |source| VhostUserError::Protocol {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let mut frontend = Frontend::connect(path, u64::from(queues)).map_err(|source| {
+            VhostUserError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        frontend.set_owner().map_err(protocol_err("SET_OWNER"))?;
+        let offered = frontend
+            .get_features()
+            .map_err(protocol_err("GET_FEATURES"))?;
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(VhostUserError::Missing {
+                path: path.to_path_buf(),
+                what: "protocol features (for the configuration space)",
+            });
+        }
+        let backend_protocol = frontend
+            .get_protocol_features()
+            .map_err(protocol_err("GET_PROTOCOL_FEATURES"))?;
+        if !backend_protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VhostUserError::Missing {
+                path: path.to_path_buf(),
+                what: "the CONFIG protocol feature",
+            });
+        }
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        let protocol_features = backend_protocol & wanted;
+        frontend
+            .set_protocol_features(protocol_features)
+            .map_err(protocol_err("SET_PROTOCOL_FEATURES"))?;
+        let queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            let backend_queues = frontend
+                .get_queue_num()
+                .map_err(protocol_err("GET_QUEUE_NUM"))?;
+            queues
+                .min(u16::try_from(backend_queues).unwrap_or(u16::MAX))
+                .max(1)
+        } else {
+            1
+        };
+        let (_, mut config) = frontend
+            .get_config(
+                0,
+                BLK_CONFIG_LEN,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; BLK_CONFIG_LEN as usize],
+            )
+            .map_err(protocol_err("GET_CONFIG"))?;
+        let mut features =
+            offered & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() & !TRANSPORT_UNSUPPORTED;
+        if queues > 1 {
+            config[BLK_CONFIG_NUM_QUEUES..BLK_CONFIG_NUM_QUEUES + 2]
+                .copy_from_slice(&queues.to_le_bytes());
+        } else {
+            features &= !VIRTIO_BLK_F_MQ;
+        }
+        log::info!(
+            "vhost-user-blk at {}: {queues} queue(s), features {features:#x}, protocol {:#x}",
+            path.display(),
+            protocol_features.bits()
+        );
+        Ok(Self {
+            path: path.to_path_buf(),
+            frontend,
+            features,
+            protocol: true,
+            queue_sizes: vec![queue_size; usize::from(queues)],
+            config,
+            started: Vec::new(),
+        })
+    }
+
+    fn activate_err(&self, what: &'static str) -> impl Fn(vhost::Error) -> ActivateError + '_ {
+        move |e| ActivateError::Backend(format!("{}: {what}: {e}", self.path.display()))
+    }
+
+    /// The backend's rings are addressed in kickvm's virtual address space (the memory table
+    /// maps it to the shared file).
+    fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress) -> Result<u64, ActivateError> {
+        mem.get_host_address(addr)
+            .map(|p| p as u64)
+            .map_err(|e| ActivateError::BadQueue {
+                queue: 0,
+                reason: format!("ring address {:#x}: {e}", addr.0),
+            })
+    }
+
+    /// Stops every started ring: after GET_VRING_BASE the backend no longer touches it.
+    fn stop_rings(&mut self) {
+        for queue in std::mem::take(&mut self.started) {
+            if self.protocol {
+                if let Err(e) = self.frontend.set_vring_enable(queue, false) {
+                    log::warn!("{}: disabling ring {queue}: {e}", self.path.display());
+                }
+            }
+            if let Err(e) = self.frontend.get_vring_base(queue) {
+                log::warn!("{}: stopping ring {queue}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VhostUserBlk {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = self.config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The one writable field of virtio-blk (WCE) is not offered through kickvm.
+        log::debug!(
+            "vhost-user-blk: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn takes_host_notifiers(&self) -> bool {
+        true
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError> {
+        self.stop_rings();
+        let acked = activation.acked_features
+            | if self.protocol {
+                VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            } else {
+                0
+            };
+        self.frontend
+            .set_features(acked)
+            .map_err(self.activate_err("SET_FEATURES"))?;
+        let regions = activation
+            .mem
+            .iter()
+            .map(|region| {
+                VhostUserMemoryRegionInfo::from_guest_region(region).map_err(|e| {
+                    ActivateError::Backend(format!(
+                        "guest memory is not shared with the backend ({e}); kickvm maps it \
+                         shared when a vhost-user disk is configured"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(self.activate_err("SET_MEM_TABLE"))?;
+
+        let num_queues = self.queue_sizes.len();
+        let mut kicks: Vec<Option<Arc<EventFd>>> = vec![None; num_queues];
+        let mut calls: Vec<Option<EventFd>> = (0..num_queues).map(|_| None).collect();
+        for setup in activation.queues {
+            let index = setup.index;
+            let queue = &setup.queue;
+            let ring = |addr: u64| Self::host_address(&activation.mem, GuestAddress(addr));
+            let config = VringConfigData {
+                queue_max_size: self.queue_sizes[index],
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: ring(queue.desc_table())?,
+                used_ring_addr: ring(queue.used_ring())?,
+                avail_ring_addr: ring(queue.avail_ring())?,
+                log_addr: None,
+            };
+            let call = EventFd::new(EFD_NONBLOCK)
+                .map_err(|e| ActivateError::Backend(format!("call eventfd: {e}")))?;
+            self.frontend
+                .set_vring_num(index, queue.size())
+                .map_err(self.activate_err("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(index, &config)
+                .map_err(self.activate_err("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(index, queue.next_avail())
+                .map_err(self.activate_err("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(index, &call)
+                .map_err(self.activate_err("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(index, &setup.kick)
+                .map_err(self.activate_err("SET_VRING_KICK"))?;
+            if self.protocol {
+                self.frontend
+                    .set_vring_enable(index, true)
+                    .map_err(self.activate_err("SET_VRING_ENABLE"))?;
+            }
+            self.started.push(index);
+            kicks[index] = Some(setup.kick);
+            calls[index] = Some(call);
+        }
+        Ok(Arc::new(VhostUserHandler {
+            kicks,
+            calls,
+            interrupt: activation.interrupt,
+        }))
+    }
+
+    fn reset(&mut self) {
+        self.stop_rings();
+    }
+}
+
+/// What the transport and I/O thread call for a vhost-user device: kicks are passed on to the
+/// backend, the backend's calls become interrupts.
+pub struct VhostUserHandler {
+    kicks: Vec<Option<Arc<EventFd>>>,
+    calls: Vec<Option<EventFd>>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl QueueHandler for VhostUserHandler {
+    /// A kick that exited (sync mode): signal the eventfd the backend waits on.
+    fn process_queue(&self, queue: usize) {
+        if let Some(Some(kick)) = self.kicks.get(queue) {
+            if let Err(e) = kick.write(1) {
+                log::warn!("vhost-user queue {queue}: cannot pass the kick on: {e}");
+            }
+        }
+    }
+
+    /// The backend polls its own rings; nothing to do here.
+    fn poll_queue(&self, _queue: usize) -> bool {
+        false
+    }
+
+    fn completion_fd(&self, queue: usize) -> Option<RawFd> {
+        self.calls.get(queue)?.as_ref().map(|call| call.as_raw_fd())
+    }
+
+    fn process_completions(&self, queue: usize) {
+        let Some(Some(call)) = self.calls.get(queue) else {
+            return;
+        };
+        // The backend consulted EVENT_IDX before calling.
+        if call.read().is_ok() {
+            self.interrupt.signal_queue(queue);
+        }
+    }
+
+    fn busy(&self, _queue: usize) -> bool {
+        false
+    }
+
+    fn num_queues(&self) -> usize {
+        self.kicks.len()
+    }
+}
