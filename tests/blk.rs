@@ -67,23 +67,8 @@ fn disk_arg(path: &Path, options: &str) -> String {
     }
 }
 
-/// Boots the test guest with `cmdline` and kickvm arguments `extra`, with the virtio crate
-/// logging at info level so the per-queue exit summary is on stderr.
 fn run_guest(cmdline: &str, extra: &[String]) -> RunOutput {
-    common::require_kvm();
-    let guest = common::test_guest();
-    let child = Command::new(common::kickvm_binary())
-        .args(["run", "--kernel"])
-        .arg(guest)
-        .args(["--cmdline", cmdline])
-        .args(extra)
-        .env("RUST_LOG", "warn,kickvm_virtio=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kickvm");
-    common::wait_with_timeout(child, RUN_TIMEOUT)
+    common::run_test_guest_with_queue_log(cmdline, extra, RUN_TIMEOUT)
 }
 
 /// Asserts a clean blk-verify run over `disks` disks and returns its RESULT fields.

@@ -90,19 +90,7 @@ impl Drop for Backend {
 }
 
 fn run_guest(cmdline: &str, extra: &[&str]) -> RunOutput {
-    common::require_kvm();
-    let child = Command::new(common::kickvm_binary())
-        .args(["run", "--kernel"])
-        .arg(common::test_guest())
-        .args(["--cmdline", cmdline])
-        .args(extra)
-        .env("RUST_LOG", "warn,kickvm_virtio=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kickvm");
-    common::wait_with_timeout(child, RUN_TIMEOUT)
+    common::run_test_guest_with_queue_log(cmdline, extra, RUN_TIMEOUT)
 }
 
 fn assert_verified(output: &RunOutput) {

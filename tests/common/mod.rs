@@ -174,6 +174,28 @@ pub fn run_test_guest(cmdline: &str, extra: &[&str], timeout: Duration) -> RunOu
     run_kickvm(&args, timeout)
 }
 
+/// Boots the test guest like [`run_test_guest`] with the virtio crate logging at info level, so
+/// the per-queue exit summary (notify mode and kick counters) is on stderr.
+pub fn run_test_guest_with_queue_log<S: AsRef<std::ffi::OsStr>>(
+    cmdline: &str,
+    extra: &[S],
+    timeout: Duration,
+) -> RunOutput {
+    require_kvm();
+    let child = Command::new(kickvm_binary())
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args(["--cmdline", cmdline])
+        .args(extra)
+        .env("RUST_LOG", "warn,kickvm_virtio=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kickvm");
+    wait_with_timeout(child, timeout)
+}
+
 /// A scratch directory unique to this test process and `name`.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kickvm-test-{}-{name}", std::process::id()));

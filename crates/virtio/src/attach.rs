@@ -167,8 +167,9 @@ impl PciDevices {
         &self.root
     }
 
-    /// Opens the image, builds a virtio-blk device behind a virtio-pci transport, and places it
-    /// in the next free slot with its BARs mapped. Returns the device's id.
+    /// Opens the image (or connects to the vhost-user backend), builds a virtio-blk device behind
+    /// a virtio-pci transport, and places it in the next free slot with its BARs mapped.
+    /// Returns the device's id.
     pub fn add_disk(&mut self, config: &BlkConfig) -> Result<String, AttachError> {
         let id = config
             .id
@@ -177,9 +178,52 @@ impl PciDevices {
         if self.device(&id).is_some() {
             return Err(AttachError::DuplicateId(id));
         }
-        if let Some(socket) = &config.vhost_user {
-            return self.add_vhost_user_disk(id, socket, config);
-        }
+        let (device, backend, poll_us): (Box<dyn VirtioDevice>, String, u32) =
+            match &config.vhost_user {
+                // The backend runs the rings; guest memory must be shared (see `vhost_user`).
+                Some(socket) => (
+                    Box::new(
+                        VhostUserBlk::connect(socket, config.queues, config.queue_size).map_err(
+                            |source| AttachError::VhostUser {
+                                id: id.clone(),
+                                source,
+                            },
+                        )?,
+                    ),
+                    format!("vhost-user-blk {}", socket.display()),
+                    0,
+                ),
+                None => (
+                    Box::new(self.open_blk(&id, config)?),
+                    config.path.display().to_string(),
+                    config.poll_us,
+                ),
+            };
+        let slot = self
+            .plug(
+                &id,
+                device,
+                PlugOptions {
+                    kind: config.transport,
+                    ioeventfd: config.ioeventfd,
+                    poll_us,
+                },
+            )
+            .map_err(|source| AttachError::Plug {
+                kind: "disk",
+                id: id.clone(),
+                source,
+            })?;
+        log::info!(
+            "{id}: {backend} at 00:{slot:02x}.0 ({}, ioeventfd={})",
+            config.transport.name(),
+            if config.ioeventfd { "on" } else { "off" }
+        );
+        self.disks += 1;
+        Ok(id)
+    }
+
+    fn open_blk(&self, id: &str, config: &BlkConfig) -> Result<VirtioBlk, AttachError> {
         let image = DiskImage::open(
             &config.path,
             DiskOptions {
@@ -188,10 +232,10 @@ impl PciDevices {
             },
         )
         .map_err(|source| AttachError::Image {
-            id: id.clone(),
+            id: id.to_string(),
             source,
         })?;
-        let blk = VirtioBlk::new(
+        VirtioBlk::new(
             Arc::new(image),
             BlkOptions {
                 serial: config.serial.clone(),
@@ -201,72 +245,9 @@ impl PciDevices {
             },
         )
         .map_err(|source| AttachError::Device {
-            id: id.clone(),
+            id: id.to_string(),
             source,
-        })?;
-        let slot = self
-            .plug(
-                &id,
-                Box::new(blk),
-                PlugOptions {
-                    kind: config.transport,
-                    ioeventfd: config.ioeventfd,
-                    poll_us: config.poll_us,
-                },
-            )
-            .map_err(|source| AttachError::Plug {
-                kind: "disk",
-                id: id.clone(),
-                source,
-            })?;
-        log::info!(
-            "{id}: {} at 00:{slot:02x}.0 ({}, ioeventfd={})",
-            config.path.display(),
-            config.transport.name(),
-            if config.ioeventfd { "on" } else { "off" }
-        );
-        self.disks += 1;
-        Ok(id)
-    }
-
-    /// A disk served by a vhost-user-blk backend: kickvm keeps the transport, the backend runs
-    /// the rings (guest memory must be shared: see `vhost_user`).
-    fn add_vhost_user_disk(
-        &mut self,
-        id: String,
-        socket: &std::path::Path,
-        config: &BlkConfig,
-    ) -> Result<String, AttachError> {
-        let device =
-            VhostUserBlk::connect(socket, config.queues, config.queue_size).map_err(|source| {
-                AttachError::VhostUser {
-                    id: id.clone(),
-                    source,
-                }
-            })?;
-        let slot = self
-            .plug(
-                &id,
-                Box::new(device),
-                PlugOptions {
-                    kind: config.transport,
-                    ioeventfd: config.ioeventfd,
-                    poll_us: 0,
-                },
-            )
-            .map_err(|source| AttachError::Plug {
-                kind: "disk",
-                id: id.clone(),
-                source,
-            })?;
-        log::info!(
-            "{id}: vhost-user-blk {} at 00:{slot:02x}.0 ({}, ioeventfd={})",
-            socket.display(),
-            config.transport.name(),
-            if config.ioeventfd { "on" } else { "off" }
-        );
-        self.disks += 1;
-        Ok(id)
+        })
     }
 
     /// Opens (or creates) the tap, builds a virtio-net device behind a virtio-pci transport,
