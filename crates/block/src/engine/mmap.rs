@@ -87,7 +87,8 @@ impl MmapEngine {
     }
 
     /// The file's size now (it may have shrunk since the image was opened); 0 if unknown,
-    /// which sends every read through `preadv`.
+    /// which sends every read through `preadv` (so does a block device, whose `fstat` size is
+    /// 0: slower, never wrong).
     fn current_size(&self) -> u64 {
         self.image.file().metadata().map_or(0, |m| m.len())
     }
