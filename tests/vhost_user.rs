@@ -49,7 +49,7 @@ impl Backend {
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("backend.log")).unwrap())
             .spawn()
             .expect("cannot start qemu-storage-daemon (installed with qemu-system-x86)");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -83,6 +83,10 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("backend.log")).unwrap_or_default();
+            eprintln!("--- qemu-storage-daemon's stderr ---\n{log}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -180,6 +184,36 @@ fn two_vcpus_drive_two_backend_queues() {
     assert_eq!(queues, 2, "both queues completed requests:\n{output}");
     assert_kick_path(&output, true, "two queues");
     blk_pattern::assert_image(backend.stop(), 70, 0, 0);
+}
+
+#[test]
+fn pause_and_resume_stop_and_restart_the_backend_rings_losing_nothing() {
+    const LOOPS: u64 = 12;
+    let mut backend = Backend::start("pause", 1);
+    let disk = backend.disk_arg("ioeventfd=on");
+    let mut vm = api_vm::ApiVm::start(
+        "vhost-user-pause-vm",
+        common::test_guest(),
+        &format!("workload=blk-verify seed=80 loops={LOOPS} completion=irq"),
+        &["--disk", &disk],
+    );
+    let mut cycles = 0;
+    while vm.is_running() && cycles < 40 {
+        if vm.call("PUT", "vm.pause", None).0 != 204 {
+            break; // the VM ended between the check and the call
+        }
+        cycles += 1;
+        std::thread::sleep(Duration::from_millis(5 + (cycles * 7) % 20));
+        assert_eq!(vm.call("PUT", "vm.resume", None).0, 204);
+        std::thread::sleep(Duration::from_millis(10 + (cycles * 13) % 30));
+    }
+    let output = vm.finish(RUN_TIMEOUT);
+    assert!(
+        cycles >= 5,
+        "only {cycles} pause cycles happened:\n{output}"
+    );
+    assert_verified(&output);
+    blk_pattern::assert_image(backend.stop(), 80 + LOOPS - 1, 0, 0);
 }
 
 #[test]

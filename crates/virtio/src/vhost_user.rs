@@ -14,15 +14,17 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice, VirtioInterrupt};
@@ -51,18 +53,123 @@ pub enum VhostUserError {
     Missing { path: PathBuf, what: &'static str },
 }
 
-/// A vhost-user-blk device: config space and features come from the backend.
-pub struct VhostUserBlk {
+/// One ring as handed to the backend, kept so that a pause can stop it and a resume start it
+/// again where it stopped.
+struct Ring {
+    index: usize,
+    addresses: VringConfigData,
+    /// Where the backend starts: the queue's next available index at activation, then what
+    /// GET_VRING_BASE answered when it was stopped.
+    base: u16,
+    kick: Arc<EventFd>,
+    call: Arc<EventFd>,
+    running: bool,
+    /// Guest addresses of the available and used rings' `idx` fields.
+    avail_idx: GuestAddress,
+    used_idx: GuestAddress,
+}
+
+/// How long a pause waits for the backend to finish the requests it has taken.
+const PAUSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection and the rings it runs, shared by the device (activation, reset) and its
+/// handler (pause, resume).
+struct Backend {
     path: PathBuf,
     frontend: Frontend,
+    rings: Vec<Ring>,
+}
+
+impl Backend {
+    fn start_ring(frontend: &Frontend, ring: &Ring) -> Result<(), (&'static str, vhost::Error)> {
+        let at = |what| move |e| (what, e);
+        frontend
+            .set_vring_num(ring.index, ring.addresses.queue_size)
+            .map_err(at("SET_VRING_NUM"))?;
+        frontend
+            .set_vring_addr(ring.index, &ring.addresses)
+            .map_err(at("SET_VRING_ADDR"))?;
+        frontend
+            .set_vring_base(ring.index, ring.base)
+            .map_err(at("SET_VRING_BASE"))?;
+        frontend
+            .set_vring_call(ring.index, &ring.call)
+            .map_err(at("SET_VRING_CALL"))?;
+        frontend
+            .set_vring_kick(ring.index, &ring.kick)
+            .map_err(at("SET_VRING_KICK"))?;
+        // Protocol features are always negotiated (see `connect`), so rings start disabled.
+        let mut frontend = frontend.clone();
+        frontend
+            .set_vring_enable(ring.index, true)
+            .map_err(at("SET_VRING_ENABLE"))
+    }
+
+    /// Starts every ring that is not running.
+    fn start(&mut self) -> Result<(), String> {
+        for ring in self.rings.iter_mut().filter(|r| !r.running) {
+            Self::start_ring(&self.frontend, ring).map_err(|(what, e)| {
+                format!("{}: ring {}: {what}: {e}", self.path.display(), ring.index)
+            })?;
+            ring.running = true;
+        }
+        Ok(())
+    }
+
+    /// Waits until the backend has used every buffer the driver made available (the vCPUs are
+    /// stopped, so no new ones come): a backend stopped with requests in flight may complete
+    /// them into a ring it has already let go of (libvhost-user then writes a closed call fd).
+    /// Each ring is kicked once first, for a request made available just before the pause
+    /// whose kick never came. Returns false on timeout.
+    fn drain(&self, mem: &GuestMemoryMmap) -> bool {
+        for ring in self.rings.iter().filter(|r| r.running) {
+            let _ = ring.kick.write(1);
+        }
+        let deadline = Instant::now() + PAUSE_DRAIN_TIMEOUT;
+        let in_flight = |ring: &Ring| {
+            let avail: u16 = mem.load(ring.avail_idx, Ordering::Acquire).unwrap_or(0);
+            let used: u16 = mem.load(ring.used_idx, Ordering::Acquire).unwrap_or(0);
+            avail != used
+        };
+        while self.rings.iter().any(|r| r.running && in_flight(r)) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        true
+    }
+
+    /// Stops every running ring: after GET_VRING_BASE the backend no longer touches it, and
+    /// its answer is where the ring starts again.
+    fn stop(&mut self) {
+        for ring in self.rings.iter_mut().filter(|r| r.running) {
+            ring.running = false;
+            let mut frontend = self.frontend.clone();
+            if let Err(e) = frontend.set_vring_enable(ring.index, false) {
+                log::warn!(
+                    "{}: disabling ring {}: {e}",
+                    self.path.display(),
+                    ring.index
+                );
+            }
+            match self.frontend.get_vring_base(ring.index) {
+                Ok(base) => ring.base = base as u16,
+                Err(e) => {
+                    log::warn!("{}: stopping ring {}: {e}", self.path.display(), ring.index)
+                }
+            }
+        }
+    }
+}
+
+/// A vhost-user-blk device: config space and features come from the backend.
+pub struct VhostUserBlk {
+    backend: Arc<Mutex<Backend>>,
     /// Virtio features the backend offers the driver.
     features: u64,
-    /// Whether VHOST_USER_F_PROTOCOL_FEATURES was negotiated (rings then start disabled).
-    protocol: bool,
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
-    /// Queues handed to the backend by the last activation.
-    started: Vec<usize>,
 }
 
 impl VhostUserBlk {
@@ -108,6 +215,11 @@ impl VhostUserBlk {
         frontend
             .set_protocol_features(protocol_features)
             .map_err(protocol_err("SET_PROTOCOL_FEATURES"))?;
+        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every message waits for the backend's answer, so one it refuses (say, a driver
+            // without VERSION_1) fails that step instead of a later, unrelated one.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         let queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
             let backend_queues = frontend
                 .get_queue_num()
@@ -140,18 +252,15 @@ impl VhostUserBlk {
             protocol_features.bits()
         );
         Ok(Self {
-            path: path.to_path_buf(),
-            frontend,
+            backend: Arc::new(Mutex::new(Backend {
+                path: path.to_path_buf(),
+                frontend,
+                rings: Vec::new(),
+            })),
             features,
-            protocol: true,
             queue_sizes: vec![queue_size; usize::from(queues)],
             config,
-            started: Vec::new(),
         })
-    }
-
-    fn activate_err(&self, what: &'static str) -> impl Fn(vhost::Error) -> ActivateError + '_ {
-        move |e| ActivateError::Backend(format!("{}: {what}: {e}", self.path.display()))
     }
 
     /// The backend's rings are addressed in kickvm's virtual address space (the memory table
@@ -163,20 +272,6 @@ impl VhostUserBlk {
                 queue: 0,
                 reason: format!("ring address {:#x}: {e}", addr.0),
             })
-    }
-
-    /// Stops every started ring: after GET_VRING_BASE the backend no longer touches it.
-    fn stop_rings(&mut self) {
-        for queue in std::mem::take(&mut self.started) {
-            if self.protocol {
-                if let Err(e) = self.frontend.set_vring_enable(queue, false) {
-                    log::warn!("{}: disabling ring {queue}: {e}", self.path.display());
-                }
-            }
-            if let Err(e) = self.frontend.get_vring_base(queue) {
-                log::warn!("{}: stopping ring {queue}: {e}", self.path.display());
-            }
-        }
     }
 }
 
@@ -216,16 +311,16 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError> {
-        self.stop_rings();
-        let acked = activation.acked_features
-            | if self.protocol {
-                VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            } else {
-                0
-            };
-        self.frontend
+        let mut backend = self.backend.lock().unwrap();
+        backend.stop();
+        backend.rings.clear();
+        let backend_err =
+            |what: &str, e: vhost::Error| ActivateError::Backend(format!("{what}: {e}"));
+        let acked = activation.acked_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        backend
+            .frontend
             .set_features(acked)
-            .map_err(self.activate_err("SET_FEATURES"))?;
+            .map_err(|e| backend_err("SET_FEATURES", e))?;
         let regions = activation
             .mem
             .iter()
@@ -238,53 +333,48 @@ impl VirtioDevice for VhostUserBlk {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.frontend
+        backend
+            .frontend
             .set_mem_table(&regions)
-            .map_err(self.activate_err("SET_MEM_TABLE"))?;
+            .map_err(|e| backend_err("SET_MEM_TABLE", e))?;
 
         let num_queues = self.queue_sizes.len();
         let mut kicks: Vec<Option<Arc<EventFd>>> = vec![None; num_queues];
-        let mut calls: Vec<Option<EventFd>> = (0..num_queues).map(|_| None).collect();
+        let mut calls: Vec<Option<Arc<EventFd>>> = vec![None; num_queues];
         for setup in activation.queues {
             let index = setup.index;
             let queue = &setup.queue;
             let ring = |addr: u64| Self::host_address(&activation.mem, GuestAddress(addr));
-            let config = VringConfigData {
-                queue_max_size: self.queue_sizes[index],
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: ring(queue.desc_table())?,
-                used_ring_addr: ring(queue.used_ring())?,
-                avail_ring_addr: ring(queue.avail_ring())?,
-                log_addr: None,
-            };
-            let call = EventFd::new(EFD_NONBLOCK)
-                .map_err(|e| ActivateError::Backend(format!("call eventfd: {e}")))?;
-            self.frontend
-                .set_vring_num(index, queue.size())
-                .map_err(self.activate_err("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(index, &config)
-                .map_err(self.activate_err("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(index, queue.next_avail())
-                .map_err(self.activate_err("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(index, &call)
-                .map_err(self.activate_err("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(index, &setup.kick)
-                .map_err(self.activate_err("SET_VRING_KICK"))?;
-            if self.protocol {
-                self.frontend
-                    .set_vring_enable(index, true)
-                    .map_err(self.activate_err("SET_VRING_ENABLE"))?;
-            }
-            self.started.push(index);
+            let call = Arc::new(
+                EventFd::new(EFD_NONBLOCK)
+                    .map_err(|e| ActivateError::Backend(format!("call eventfd: {e}")))?,
+            );
+            backend.rings.push(Ring {
+                index,
+                addresses: VringConfigData {
+                    queue_max_size: self.queue_sizes[index],
+                    queue_size: queue.size(),
+                    flags: 0,
+                    desc_table_addr: ring(queue.desc_table())?,
+                    used_ring_addr: ring(queue.used_ring())?,
+                    avail_ring_addr: ring(queue.avail_ring())?,
+                    log_addr: None,
+                },
+                base: queue.next_avail(),
+                kick: setup.kick.clone(),
+                call: call.clone(),
+                running: false,
+                avail_idx: GuestAddress(queue.avail_ring() + 2),
+                used_idx: GuestAddress(queue.used_ring() + 2),
+            });
             kicks[index] = Some(setup.kick);
             calls[index] = Some(call);
         }
+        backend.start().map_err(ActivateError::Backend)?;
+        drop(backend);
         Ok(Arc::new(VhostUserHandler {
+            backend: self.backend.clone(),
+            mem: activation.mem,
             kicks,
             calls,
             interrupt: activation.interrupt,
@@ -292,15 +382,19 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn reset(&mut self) {
-        self.stop_rings();
+        let mut backend = self.backend.lock().unwrap();
+        backend.stop();
+        backend.rings.clear();
     }
 }
 
 /// What the transport and I/O thread call for a vhost-user device: kicks are passed on to the
 /// backend, the backend's calls become interrupts.
 pub struct VhostUserHandler {
+    backend: Arc<Mutex<Backend>>,
+    mem: GuestMemoryMmap,
     kicks: Vec<Option<Arc<EventFd>>>,
-    calls: Vec<Option<EventFd>>,
+    calls: Vec<Option<Arc<EventFd>>>,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
@@ -330,6 +424,33 @@ impl QueueHandler for VhostUserHandler {
         // The backend consulted EVENT_IDX before calling.
         if call.read().is_ok() {
             self.interrupt.signal_queue(queue);
+        }
+    }
+
+    /// Pause lets the backend finish what it took, then stops its rings (GET_VRING_BASE: it
+    /// takes nothing more from them);
+    /// resume starts them again where they stopped and kicks each once, so a request made
+    /// available around the pause does not wait for the guest's next kick.
+    fn set_paused(&self, paused: bool) {
+        let mut backend = self.backend.lock().unwrap();
+        if paused {
+            if !backend.drain(&self.mem) {
+                log::warn!(
+                    "{}: requests still in the backend after {PAUSE_DRAIN_TIMEOUT:?}; stopping \
+                     its rings anyway",
+                    backend.path.display()
+                );
+            }
+            backend.stop();
+            return;
+        }
+        if let Err(e) = backend.start() {
+            log::warn!("vhost-user: cannot restart after a pause: {e}");
+            self.interrupt.set_needs_reset();
+            return;
+        }
+        for kick in self.kicks.iter().flatten() {
+            let _ = kick.write(1);
         }
     }
 
