@@ -3,7 +3,7 @@
 CARGO ?= cargo
 GUEST := target/guest/kickvm-guest
 
-.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-net lint clean
+.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-net bench-vhost-user lint clean
 
 all: build guest
 
@@ -35,6 +35,9 @@ bench-blk: build guest
 
 bench-net: build guest
 	./bench/net.py
+
+bench-vhost-user: build guest
+	./bench/vhost_user.py
 
 lint:
 	$(CARGO) fmt --all -- --check
