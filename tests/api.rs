@@ -375,6 +375,20 @@ fn shutdown_of_a_paused_vm_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_client_that_sends_nothing_does_not_hold_up_another() {
+    let vm = idle_vm("api-silent-client");
+    // Connected, silent: its thread waits up to the 5 s client timeout for a request.
+    let _silent = std::os::unix::net::UnixStream::connect(&vm.socket).unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(vm.info()["state"], "running");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "info waited {:?} behind a silent client",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn kill_ends_a_paused_vm() {
     let mut vm = idle_vm("api-kill-paused");
     assert_eq!(vm.call("PUT", "vm.pause", None).0, 204);

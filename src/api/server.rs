@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -141,6 +142,7 @@ impl ApiServer {
             sender,
             wake: wake.clone(),
             stop: stop.clone(),
+            connections: Arc::new(AtomicUsize::new(0)),
         };
         let thread = std::thread::Builder::new()
             .name("api".into())
@@ -190,11 +192,24 @@ impl Drop for ApiServer {
     }
 }
 
+/// Connections served at once; beyond this a client gets 503 at once. Each has its own thread,
+/// so a client that is slow to send its request holds up no other.
+const MAX_CONNECTIONS: usize = 16;
+
 struct Server {
     listener: UnixListener,
     sender: Sender<PendingRequest>,
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// One connection's side of the server: what its thread needs to route a request to the main
+/// thread.
+#[derive(Clone)]
+struct Connection {
+    sender: Sender<PendingRequest>,
+    wake: Arc<EventFd>,
 }
 
 impl Server {
@@ -229,13 +244,41 @@ impl Server {
             }
             if fds[0].revents != 0 {
                 match self.listener.accept() {
-                    Ok((stream, _)) => self.serve(stream),
+                    Ok((stream, _)) => self.spawn_connection(stream),
                     Err(e) => log::warn!("control API: accept failed: {e}"),
                 }
             }
         }
     }
 
+    fn spawn_connection(&self, mut stream: UnixStream) {
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+            let body = json!({ "error": "too many API connections at once" });
+            let body = serde_json::to_vec(&body).expect("JSON values serialise");
+            let _ = http::write_response(&mut stream, 503, &[], Some(&body));
+            return;
+        }
+        let connection = Connection {
+            sender: self.sender.clone(),
+            wake: self.wake.clone(),
+        };
+        let count = self.connections.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kickvm-api-conn".into())
+            .spawn(move || {
+                connection.serve(stream);
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("control API: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+impl Connection {
     fn serve(&self, mut stream: UnixStream) {
         let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
         let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
