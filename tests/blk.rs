@@ -199,6 +199,25 @@ fn blk_verify_passes_on_both_transports_with_ioeventfd_on_and_off_polled_and_by_
     }
 }
 
+/// Every I/O engine serves the same guest: the pattern verifies and lands in the image.
+#[test]
+fn blk_verify_passes_on_every_io_engine() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("engines");
+    for (seed, engine) in (30u64..).zip(["io_uring", "threads", "sync", "mmap"]) {
+        let image = scratch.image(&format!("{engine}.img"), 8 * MIB);
+        let output = run_guest(
+            &format!("workload=blk-verify seed={seed} loops=2"),
+            &[
+                "--disk".into(),
+                disk_arg(&image, &format!("engine={engine}")),
+            ],
+        );
+        assert_verified(&output, 1);
+        blk_pattern::assert_image(&image, seed + 1, 0, 0);
+    }
+}
+
 /// A device that offers only one interface (kickvm `transport=modern|legacy`) is found and
 /// verified by a guest that takes whatever each device has.
 #[test]
