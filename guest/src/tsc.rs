@@ -89,10 +89,31 @@ fn best_sample() -> (u64, u16) {
     (best.0, best.1)
 }
 
+/// Port 0x61 bit 5: channel 2's OUT, which in mode 0 rises at terminal count
+/// and stays high until the channel is programmed again.
+const OUT2_HIGH: u8 = 1 << 5;
+/// Calibrations tried before the last one is taken as it is.
+const CALIBRATION_TRIES: usize = 5;
+
 /// Reads PIT channel 2's count at two moments ~5 ms apart and compares
 /// with the TSC. Only the latch exits' duration adds error, so a preempted
-/// vCPU thread (a busy host) does not skew the result.
+/// vCPU thread (a busy host) does not skew the result, unless it was
+/// preempted for longer than the counter's 55 ms: the count then wrapped and
+/// the TSC ticks of 60 ms would be taken for 5 ms. OUT2 shows the wrap, and
+/// such a calibration is done again.
 fn calibrate_with_pit() -> u64 {
+    let mut khz = 0;
+    for _ in 0..CALIBRATION_TRIES {
+        let (measured, wrapped) = calibrate_once();
+        khz = measured;
+        if !wrapped {
+            break;
+        }
+    }
+    khz
+}
+
+fn calibrate_once() -> (u64, bool) {
     // Gate channel 2 on, speaker off.
     outb(SPEAKER_PORT, (inb(SPEAKER_PORT) & !0x02) | 0x01);
     // Channel 2, lobyte/hibyte, mode 0, counting down from 0xFFFF (55 ms).
@@ -109,8 +130,9 @@ fn calibrate_with_pit() -> u64 {
         }
     }
     let (tsc_end, count_end) = best_sample();
+    let wrapped = inb(SPEAKER_PORT) & OUT2_HIGH != 0;
     let pit_ticks = count_start.wrapping_sub(count_end).max(1) as u64;
-    (tsc_end - tsc_start) * PIT_HZ / pit_ticks / 1000
+    ((tsc_end - tsc_start) * PIT_HZ / pit_ticks / 1000, wrapped)
 }
 
 pub fn now_ns() -> u64 {
