@@ -25,7 +25,7 @@ test-linux:
 	./scripts/fetch-linux.sh
 	$(CARGO) test --release --test linux_smoke -- --ignored --nocapture
 
-bench: bench-boot bench-blk bench-net
+bench: bench-boot bench-blk bench-net bench-vhost-user
 
 bench-boot: build guest
 	./bench/boot.py
