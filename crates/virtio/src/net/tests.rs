@@ -243,6 +243,16 @@ fn all(features: u64) -> u64 {
 }
 
 impl Guest<'_> {
+    /// Publishes `count` TX frames on queue 1 (pair 0), frame `i` made by `frame(i)` behind a
+    /// default header in its own page from BUF, one chain each, without kicking.
+    fn offer_tx_frames(&mut self, count: u64, frame: impl Fn(u64) -> Vec<u8>) {
+        for i in 0..count {
+            let at = BUF + i * 0x1000;
+            let len = put_tx(self.mem, at, &VnetHeader::default(), &frame(i));
+            self.offer(1, &[(at, len, false)]);
+        }
+    }
+
     /// Offers one chain of (addr, len, writable) buffers on queue `q`; returns its head.
     fn offer(&mut self, q: usize, buffers: &[(u64, u32, bool)]) -> u16 {
         let first = self.next_desc[q];
@@ -337,15 +347,7 @@ fn tx_frame_split_over_descriptors_reaches_the_tap_whole_with_its_header() {
 fn tx_batch_of_frames_is_sent_in_order_with_one_interrupt() {
     let mem = guest_memory(MEM_SIZE);
     let mut g = guest(&mem, 1, all);
-    for i in 0..8u64 {
-        let len = put_tx(
-            &mem,
-            BUF + i * 0x1000,
-            &VnetHeader::default(),
-            &eth_frame(60 + i as usize, i as u8),
-        );
-        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
-    }
+    g.offer_tx_frames(8, |i| eth_frame(60 + i as usize, i as u8));
     g.handler.process_queue(1);
     for i in 0..8 {
         let got = g.backend.host_recv(0).unwrap();
@@ -1070,15 +1072,7 @@ fn rearm_sends_what_arrived_after_the_last_poll() {
 fn a_short_tx_burst_is_sent_on_the_kick_itself() {
     let mem = guest_memory(MEM_SIZE);
     let mut g = guest_with(&mem, 1, all, Some(4), std::time::Duration::ZERO);
-    for i in 0..3u64 {
-        let len = put_tx(
-            &mem,
-            BUF + i * 0x1000,
-            &VnetHeader::default(),
-            &eth_frame(64, i as u8),
-        );
-        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
-    }
+    g.offer_tx_frames(3, |i| eth_frame(64, i as u8));
     g.handler.process_queue(1);
     for i in 0..3 {
         assert_eq!(
@@ -1097,15 +1091,7 @@ fn a_short_tx_burst_is_sent_on_the_kick_itself() {
 fn a_long_tx_burst_is_handed_to_the_io_thread_with_kicks_off_until_it_is_sent() {
     let mem = guest_memory(MEM_SIZE);
     let mut g = guest_with(&mem, 1, all, Some(4), std::time::Duration::ZERO);
-    for i in 0..10u64 {
-        let len = put_tx(
-            &mem,
-            BUF + i * 0x1000,
-            &VnetHeader::default(),
-            &eth_frame(64, i as u8),
-        );
-        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
-    }
+    g.offer_tx_frames(10, |i| eth_frame(64, i as u8));
     g.handler.process_queue(1);
     assert_eq!(g.used_idx(1), 4, "the vCPU sends its share only");
     let watch = g.handler.completion_fd(0).unwrap();
@@ -1164,15 +1150,7 @@ fn the_wait_sends_what_was_published_and_leaves_later_frames_to_the_kick() {
     g.offer(0, &[(BUF + 0x10_000, 2048, true)]);
     // Three frames already published without a kick when the frame arrives: the wait ends at
     // once and sends them, and kicks are asked for from the driver's index on.
-    for i in 0..3u64 {
-        let len = put_tx(
-            &mem,
-            BUF + i * 0x1000,
-            &VnetHeader::default(),
-            &eth_frame(64, i as u8),
-        );
-        g.offer(1, &[(BUF + i * 0x1000, len, false)]);
-    }
+    g.offer_tx_frames(3, |i| eth_frame(64, i as u8));
     g.backend
         .host_send(0, &tap_frame(&VnetHeader::default(), &eth_frame(100, 9)));
     let start = std::time::Instant::now();
