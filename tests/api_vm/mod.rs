@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -51,14 +51,7 @@ impl ApiVm {
             socket.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(common::kickvm_binary())
-            .args(&args)
-            .env("RUST_LOG", "warn,kickvm_virtio=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start kickvm");
+        let child = common::spawn_kickvm_with_queue_log(&args);
         let mut vm = ApiVm {
             child: Some(child),
             socket,

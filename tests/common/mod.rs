@@ -174,26 +174,35 @@ pub fn run_test_guest(cmdline: &str, extra: &[&str], timeout: Duration) -> RunOu
     run_kickvm(&args, timeout)
 }
 
-/// Boots the test guest like [`run_test_guest`] with the virtio crate logging at info level, so
-/// the per-queue exit summary (notify mode and kick counters) is on stderr.
+/// Starts kickvm with `args` and the virtio crate logging at info level, so the per-queue exit
+/// summary (notify mode and kick counters) is on stderr; stdout and stderr are piped.
+pub fn spawn_kickvm_with_queue_log<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Child {
+    Command::new(kickvm_binary())
+        .args(args)
+        .env("RUST_LOG", "warn,kickvm_virtio=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kickvm")
+}
+
+/// Boots the test guest like [`run_test_guest`], with the queue exit log on stderr.
 pub fn run_test_guest_with_queue_log<S: AsRef<std::ffi::OsStr>>(
     cmdline: &str,
     extra: &[S],
     timeout: Duration,
 ) -> RunOutput {
     require_kvm();
-    let child = Command::new(kickvm_binary())
-        .args(["run", "--kernel"])
-        .arg(test_guest())
-        .args(["--cmdline", cmdline])
-        .args(extra)
-        .env("RUST_LOG", "warn,kickvm_virtio=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kickvm");
-    wait_with_timeout(child, timeout)
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "--kernel".into(),
+        test_guest().into(),
+        "--cmdline".into(),
+        cmdline.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.as_ref().to_os_string()));
+    wait_with_timeout(spawn_kickvm_with_queue_log(&args), timeout)
 }
 
 /// A scratch directory unique to this test process and `name`.
