@@ -4,7 +4,7 @@
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-use crate::{BlockError, DiskImage, HostBuffer, Request, RequestKind};
+use crate::{BlockError, DiskImage, HostBuffer, InlineVec, Request, RequestKind};
 
 /// Bytes of zeros that write-zeroes writes from when the file system cannot zero a range.
 pub(crate) const ZERO_CHUNK: usize = 64 * 1024;
@@ -74,58 +74,25 @@ const INLINE_IOVECS: usize = 4;
 
 /// The iovecs of a transfer, consumed from the front as bytes move.
 pub(crate) struct IoVecCursor {
-    inline: [libc::iovec; INLINE_IOVECS],
-    inline_len: usize,
-    /// All of them instead, when there are more than fit inline.
-    spilled: Vec<libc::iovec>,
+    iovecs: InlineVec<libc::iovec, INLINE_IOVECS>,
     start: usize,
 }
 
 impl IoVecCursor {
     fn empty() -> Self {
         IoVecCursor {
-            inline: [libc::iovec {
+            iovecs: InlineVec::new(libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
-            }; INLINE_IOVECS],
-            inline_len: 0,
-            spilled: Vec::new(),
+            }),
             start: 0,
-        }
-    }
-
-    fn push(&mut self, iov: libc::iovec) {
-        if !self.spilled.is_empty() {
-            self.spilled.push(iov);
-        } else if self.inline_len < INLINE_IOVECS {
-            self.inline[self.inline_len] = iov;
-            self.inline_len += 1;
-        } else {
-            self.spilled.extend_from_slice(&self.inline);
-            self.spilled.push(iov);
-        }
-    }
-
-    fn iovecs(&self) -> &[libc::iovec] {
-        if self.spilled.is_empty() {
-            &self.inline[..self.inline_len]
-        } else {
-            &self.spilled
-        }
-    }
-
-    fn iovecs_mut(&mut self) -> &mut [libc::iovec] {
-        if self.spilled.is_empty() {
-            &mut self.inline[..self.inline_len]
-        } else {
-            &mut self.spilled
         }
     }
 
     pub(crate) fn new(buffers: &[HostBuffer]) -> Self {
         let mut cursor = IoVecCursor::empty();
         for b in buffers.iter().filter(|b| !b.is_empty()) {
-            cursor.push(libc::iovec {
+            cursor.iovecs.push(libc::iovec {
                 iov_base: b.addr().cast(),
                 iov_len: b.len(),
             });
@@ -137,9 +104,9 @@ impl IoVecCursor {
     pub(crate) fn zeroes(len: u64) -> Self {
         let mut cursor = IoVecCursor::empty();
         let mut left = len;
-        while left > 0 && cursor.iovecs().len() < ZERO_IOVECS {
+        while left > 0 && cursor.iovecs.len() < ZERO_IOVECS {
             let chunk = left.min(ZERO_CHUNK as u64) as usize;
-            cursor.push(libc::iovec {
+            cursor.iovecs.push(libc::iovec {
                 // The kernel only reads from this buffer (it backs writes).
                 iov_base: ZEROES.0.as_ptr() as *mut libc::c_void,
                 iov_len: chunk,
@@ -150,18 +117,18 @@ impl IoVecCursor {
     }
 
     pub(crate) fn remaining(&self) -> &[libc::iovec] {
-        &self.iovecs()[self.start..]
+        &self.iovecs[self.start..]
     }
 
     pub(crate) fn is_done(&self) -> bool {
-        self.start == self.iovecs().len()
+        self.start == self.iovecs.len()
     }
 
     /// Drops the first `n` bytes.
     pub(crate) fn advance(&mut self, mut n: usize) {
-        while n > 0 && self.start < self.iovecs().len() {
+        while n > 0 && self.start < self.iovecs.len() {
             let start = self.start;
-            let iov = &mut self.iovecs_mut()[start];
+            let iov = &mut self.iovecs[start];
             if n >= iov.iov_len {
                 n -= iov.iov_len;
                 self.start += 1;
@@ -181,7 +148,7 @@ impl IoVecCursor {
             // (HostBuffer::new's contract) and this is a Read, so writing them is expected.
             unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
         }
-        self.start = self.iovecs().len();
+        self.start = self.iovecs.len();
     }
 }
 

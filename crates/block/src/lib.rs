@@ -28,6 +28,7 @@
 mod engine;
 mod error;
 mod image;
+mod inline_vec;
 mod io;
 mod request;
 #[cfg(test)]
@@ -39,6 +40,7 @@ use std::sync::Arc;
 
 pub use error::BlockError;
 pub use image::{DirectIoAlignment, DiskImage, DiskOptions};
+pub use inline_vec::InlineVec;
 pub use request::{
     Buffers, Completion, HostBuffer, Request, RequestKind, INLINE_BUFFERS, MAX_SEGMENTS,
 };

@@ -1,6 +1,6 @@
 //! What the device asks of an engine, and what it gets back.
 
-use crate::{BlockError, DiskImage};
+use crate::{BlockError, DiskImage, InlineVec};
 
 /// Most buffers one request may carry (the kernel's `UIO_MAXIOV`). The device's `SEG_MAX`
 /// should not exceed it.
@@ -56,11 +56,7 @@ pub const INLINE_BUFFERS: usize = 4;
 /// A request's buffers, in order. Up to [`INLINE_BUFFERS`] live inline: a virtio-blk request
 /// usually has one data buffer, and building it then allocates nothing.
 #[derive(Debug, Clone)]
-pub struct Buffers {
-    inline: [HostBuffer; INLINE_BUFFERS],
-    inline_len: usize,
-    spilled: Vec<HostBuffer>,
-}
+pub struct Buffers(InlineVec<HostBuffer, INLINE_BUFFERS>);
 
 impl Buffers {
     const EMPTY: HostBuffer = HostBuffer {
@@ -69,24 +65,11 @@ impl Buffers {
     };
 
     pub fn new() -> Self {
-        Buffers {
-            inline: [Self::EMPTY; INLINE_BUFFERS],
-            inline_len: 0,
-            spilled: Vec::new(),
-        }
+        Buffers(InlineVec::new(Self::EMPTY))
     }
 
     pub fn push(&mut self, buffer: HostBuffer) {
-        if !self.spilled.is_empty() {
-            self.spilled.push(buffer);
-        } else if self.inline_len < INLINE_BUFFERS {
-            self.inline[self.inline_len] = buffer;
-            self.inline_len += 1;
-        } else {
-            self.spilled.reserve(INLINE_BUFFERS * 2);
-            self.spilled.extend_from_slice(&self.inline);
-            self.spilled.push(buffer);
-        }
+        self.0.push(buffer);
     }
 }
 
@@ -100,11 +83,7 @@ impl std::ops::Deref for Buffers {
     type Target = [HostBuffer];
 
     fn deref(&self) -> &[HostBuffer] {
-        if self.spilled.is_empty() {
-            &self.inline[..self.inline_len]
-        } else {
-            &self.spilled
-        }
+        &self.0
     }
 }
 

@@ -4,7 +4,7 @@
 //! Layout (virtio 1.x 5.2.6): a device-readable 16-byte header `{type, reserved, sector}`, data
 //! buffers, and a device-writable status byte, which is the last byte of the last descriptor.
 
-use kickvm_block::{Buffers, HostBuffer, Request};
+use kickvm_block::{Buffers, HostBuffer, InlineVec, Request};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -53,46 +53,16 @@ fn answer(status: GuestAddress, value: u8) -> Parsed {
     }
 }
 
-/// A chain's data segments `(address, length, device-writable)`, empty ones left out; the
-/// usual one or two are kept without a heap allocation (this runs for every request).
-struct Segments {
-    inline: [(GuestAddress, u32, bool); INLINE_SEGMENTS],
-    inline_len: usize,
-    spilled: Vec<(GuestAddress, u32, bool)>,
-}
+/// A chain's data segments `(address, length, device-writable)`; the usual one or two are kept
+/// without a heap allocation (this runs for every request).
+type Segments = InlineVec<(GuestAddress, u32, bool), INLINE_SEGMENTS>;
 
 const INLINE_SEGMENTS: usize = 4;
 
-impl Segments {
-    fn new() -> Self {
-        Segments {
-            inline: [(GuestAddress(0), 0, false); INLINE_SEGMENTS],
-            inline_len: 0,
-            spilled: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, segment: (GuestAddress, u32, bool)) {
-        if segment.1 == 0 {
-            return;
-        }
-        if !self.spilled.is_empty() {
-            self.spilled.push(segment);
-        } else if self.inline_len < INLINE_SEGMENTS {
-            self.inline[self.inline_len] = segment;
-            self.inline_len += 1;
-        } else {
-            self.spilled.extend_from_slice(&self.inline);
-            self.spilled.push(segment);
-        }
-    }
-
-    fn as_slice(&self) -> &[(GuestAddress, u32, bool)] {
-        if self.spilled.is_empty() {
-            &self.inline[..self.inline_len]
-        } else {
-            &self.spilled
-        }
+/// Adds a data segment; empty ones carry nothing and are left out.
+fn push_segment(segments: &mut Segments, segment: (GuestAddress, u32, bool)) {
+    if segment.1 != 0 {
+        segments.push(segment);
     }
 }
 
@@ -110,12 +80,15 @@ pub fn parse(
         };
     };
     // Every descriptor between the header and the last one carries data.
-    let mut segments = Segments::new();
+    let mut segments = Segments::new((GuestAddress(0), 0, false));
     let mut last = header_desc;
     let mut count = 1usize;
     for d in descriptors {
         if count >= 2 {
-            segments.push((last.addr(), last.len(), last.is_write_only()));
+            push_segment(
+                &mut segments,
+                (last.addr(), last.len(), last.is_write_only()),
+            );
         }
         last = d;
         count += 1;
@@ -174,9 +147,9 @@ pub fn parse(
     // Data: every descriptor between header and status, plus the status descriptor's bytes
     // before the status byte (drivers may put the two together).
     if last.len() > 1 {
-        segments.push((last.addr(), last.len() - 1, true));
+        push_segment(&mut segments, (last.addr(), last.len() - 1, true));
     }
-    let data = segments.as_slice();
+    let data = &segments[..];
 
     match request_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
