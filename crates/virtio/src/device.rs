@@ -93,6 +93,18 @@ impl KickSink for HandlerSink<'_> {
     }
 }
 
+/// Reads `data.len()` bytes of a device's configuration space `config` at `offset`; bytes
+/// beyond it read as zero (a driver may probe past the fields a device has).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device type (2 for block).

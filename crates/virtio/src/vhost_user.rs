@@ -27,7 +27,9 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice, VirtioInterrupt};
+use crate::device::{
+    read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice, VirtioInterrupt,
+};
 
 const VIRTIO_ID_BLOCK: u16 = 2;
 /// `struct virtio_blk_config` up to and including the write-zeroes fields.
@@ -293,9 +295,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = self.config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -9,7 +9,7 @@ use virtio_queue::QueueT;
 use super::handler::{BlkHandler, BlkQueue};
 use super::request::RequestLimits;
 use super::*;
-use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice};
+use crate::device::{read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice};
 
 const CONFIG_LEN: usize = 0x3c;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -156,9 +156,7 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = self.config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

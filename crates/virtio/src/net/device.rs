@@ -10,7 +10,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::handler::NetHandler;
 use super::tap::NetBackend;
 use super::VIRTIO_NET_TYPE;
-use crate::device::{ActivateError, Activation, QueueHandler, VirtioDevice};
+use crate::device::{read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice};
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -128,13 +128,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
