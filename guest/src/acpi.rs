@@ -75,7 +75,11 @@ pub fn find_table(rsdp: u64, signature: &[u8; 4]) -> Option<&'static [u8]> {
 /// The DSDT the FADT names (X_DSDT when set, else DSDT).
 pub fn find_dsdt(rsdp: u64) -> Option<&'static [u8]> {
     let fadt = find_table(rsdp, b"FACP")?;
-    let x_dsdt = if fadt.len() >= 148 { u64_at(fadt, 140) } else { 0 };
+    let x_dsdt = if fadt.len() >= 148 {
+        u64_at(fadt, 140)
+    } else {
+        0
+    };
     let dsdt = if x_dsdt != 0 {
         x_dsdt
     } else if fadt.len() >= 44 {
@@ -84,4 +88,17 @@ pub fn find_dsdt(rsdp: u64) -> Option<&'static [u8]> {
         return None;
     };
     table_at(dsdt).filter(|t| &t[..4] == b"DSDT")
+}
+
+/// The MADT's interrupt controller structures as (type, whole entry), in table order; a
+/// malformed length ends the walk.
+pub fn madt_entries(madt: &'static [u8]) -> impl Iterator<Item = (u8, &'static [u8])> {
+    let mut off = 44;
+    core::iter::from_fn(move || {
+        let header = madt.get(off..off + 2)?;
+        let (kind, len) = (header[0], header[1] as usize);
+        let entry = madt.get(off..off + len).filter(|_| len >= 2)?;
+        off += len;
+        Some((kind, entry))
+    })
 }

@@ -65,23 +65,11 @@ fn find_ged(dsdt: &[u8]) -> Option<(u32, u16)> {
 /// The IOAPIC serving `gsi`: its MMIO base and first GSI, from the MADT.
 fn ioapic_for(rsdp: u64, gsi: u32) -> Option<(u64, u32)> {
     let madt = acpi::find_table(rsdp, b"APIC")?;
-    let mut off = 44;
-    while off + 2 <= madt.len() {
-        let (kind, len) = (madt[off], madt[off + 1] as usize);
-        if len < 2 || off + len > madt.len() {
-            break;
-        }
-        if kind == MADT_IO_APIC && len >= 12 {
-            let base = u32_at(madt, off + 4) as u64;
-            let first = u32_at(madt, off + 8);
-            // 24 pins: the common IOAPIC, the one kickvm and QEMU emulate.
-            if (first..first + 24).contains(&gsi) {
-                return Some((base, first));
-            }
-        }
-        off += len;
-    }
-    None
+    acpi::madt_entries(madt)
+        .filter(|(kind, e)| *kind == MADT_IO_APIC && e.len() >= 12)
+        .map(|(_, e)| (u32_at(e, 4) as u64, u32_at(e, 8)))
+        // 24 pins: the common IOAPIC, the one kickvm and QEMU emulate.
+        .find(|&(_, first)| (first..first + 24).contains(&gsi))
 }
 
 fn ioapic_write(base: u64, register: u32, value: u32) {

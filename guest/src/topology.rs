@@ -48,19 +48,13 @@ pub fn discover(rsdp_hint: u64) -> Option<Cpus> {
 fn madt_cpus(rsdp: u64) -> Option<Cpus> {
     let m = acpi::find_table(rsdp, b"APIC")?;
     let mut cpus = Cpus::empty("acpi");
-    let mut off = 44;
-    while off + 2 <= m.len() {
-        let (kind, len) = (m[off], m[off + 1] as usize);
-        if len < 2 || off + len > m.len() {
-            break;
-        }
-        let enabled = |flags: u32| flags & 1 != 0;
+    let enabled = |flags: u32| flags & 1 != 0;
+    for (kind, e) in acpi::madt_entries(m) {
         match kind {
-            0 if len >= 8 && enabled(u32_at(m, off + 4)) => cpus.push(m[off + 3] as u32),
-            9 if len >= 16 && enabled(u32_at(m, off + 8)) => cpus.push(u32_at(m, off + 4)),
+            0 if e.len() >= 8 && enabled(u32_at(e, 4)) => cpus.push(e[3] as u32),
+            9 if e.len() >= 16 && enabled(u32_at(e, 8)) => cpus.push(u32_at(e, 4)),
             _ => {}
         }
-        off += len;
     }
     (cpus.count > 0).then_some(cpus)
 }
