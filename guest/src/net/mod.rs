@@ -98,7 +98,7 @@ impl Pair {
                     1 << (15 - wanted.leading_zeros())
                 }
             };
-            if size < 4 || size > 1024 {
+            if !(4..=1024).contains(&size) {
                 return Err(Error::QueueTooSmall);
             }
             let layout = Layout::alloc(size).ok_or(Error::OutOfMemory)?;

@@ -20,7 +20,11 @@ pub fn run(boot: &Boot) -> bool {
     }
     println!(
         "IDLE power_button={}",
-        if power_button::armed() { "acpi-ged" } else { "none" }
+        if power_button::armed() {
+            "acpi-ged"
+        } else {
+            "none"
+        }
     );
     let start = tsc::now_ns();
     let limit_ns = secs.saturating_mul(1_000_000_000);

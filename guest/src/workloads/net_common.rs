@@ -179,7 +179,9 @@ pub fn serve(
             FrameKind::ArpRequest => add(&counts.arp, 1),
             FrameKind::ArpReply { ip, mac } => on_arp_reply(ip, mac),
             FrameKind::IcmpEcho => add(&counts.icmp, 1),
-            FrameKind::Udp { port: STOP_PORT, .. } => STOP.store(true, Ordering::Relaxed),
+            FrameKind::Udp {
+                port: STOP_PORT, ..
+            } => STOP.store(true, Ordering::Relaxed),
             FrameKind::Udp { payload_len, .. } => {
                 add(&counts.udp, 1);
                 add(&counts.udp_bytes, payload_len as u64);
