@@ -83,7 +83,10 @@ struct Backend {
 }
 
 impl Backend {
-    fn start_ring(frontend: &Frontend, ring: &Ring) -> Result<(), (&'static str, vhost::Error)> {
+    fn start_ring(
+        frontend: &mut Frontend,
+        ring: &Ring,
+    ) -> Result<(), (&'static str, vhost::Error)> {
         let at = |what| move |e| (what, e);
         frontend
             .set_vring_num(ring.index, ring.addresses.queue_size)
@@ -101,7 +104,6 @@ impl Backend {
             .set_vring_kick(ring.index, &ring.kick)
             .map_err(at("SET_VRING_KICK"))?;
         // Protocol features are always negotiated (see `connect`), so rings start disabled.
-        let mut frontend = frontend.clone();
         frontend
             .set_vring_enable(ring.index, true)
             .map_err(at("SET_VRING_ENABLE"))
@@ -110,7 +112,7 @@ impl Backend {
     /// Starts every ring that is not running.
     fn start(&mut self) -> Result<(), String> {
         for ring in self.rings.iter_mut().filter(|r| !r.running) {
-            Self::start_ring(&self.frontend, ring).map_err(|(what, e)| {
+            Self::start_ring(&mut self.frontend, ring).map_err(|(what, e)| {
                 format!("{}: ring {}: {what}: {e}", self.path.display(), ring.index)
             })?;
             ring.running = true;
@@ -147,8 +149,7 @@ impl Backend {
     fn stop(&mut self) {
         for ring in self.rings.iter_mut().filter(|r| r.running) {
             ring.running = false;
-            let mut frontend = self.frontend.clone();
-            if let Err(e) = frontend.set_vring_enable(ring.index, false) {
+            if let Err(e) = self.frontend.set_vring_enable(ring.index, false) {
                 log::warn!(
                     "{}: disabling ring {}: {e}",
                     self.path.display(),
