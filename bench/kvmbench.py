@@ -29,11 +29,13 @@ RESULT_RE = re.compile(r"RESULT (workload=.*)$")
 
 
 def build() -> None:
-    """Builds kickvm (release) and the test guest once, before any timing (skipped when
-    BENCH_NO_BUILD is set, to measure the binaries already in target/)."""
+    """Builds kickvm and the bench tools (kick-floor, udp-peer) in release, and the test guest,
+    once before any timing (skipped when BENCH_NO_BUILD is set, to measure the binaries already
+    in target/)."""
     if os.environ.get("BENCH_NO_BUILD"):
         return
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "kickvm", "-p", "kick-floor"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "kickvm", "-p", "kick-floor", "-p", "udp-peer"],
+                   cwd=ROOT, check=True)
     subprocess.run([str(ROOT / "guest" / "build.sh")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
