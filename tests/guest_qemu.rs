@@ -159,8 +159,8 @@ fn blk_verify(name: &str, cpus: u32, cmdline: &str, device_props: &str, sizes: &
         .sum();
     assert_eq!(r["blocks"], expected_blocks.to_string(), "{output}");
     if cmdline.contains("completion=irq") {
-        let irqs: u64 = r["irqs"].parse().expect("irqs is a number");
-        assert!(irqs > 0, "no wait ended by an MSI-X interrupt:\n{output}");
+        let interrupts: u64 = r["interrupts"].parse().expect("interrupts is a number");
+        assert!(interrupts > 0, "no MSI-X interrupt taken:\n{output}");
     } else {
         assert_eq!(r["irqs"], "0", "{output}");
     }

@@ -158,7 +158,7 @@ fn blk_verify_through_a_vhost_user_backend_with_ioeventfd_on_and_off_polled_and_
         if completion == "irq" {
             let result = output.result("blk-verify");
             assert!(
-                result["irqs"].parse::<u64>().unwrap() > 0,
+                result["interrupts"].parse::<u64>().unwrap() > 0,
                 "{what}: the backend's completions reached the guest as interrupts:\n{output}"
             );
         }

@@ -9,7 +9,7 @@ use crate::sync::SpinLock;
 use crate::virtio::queue::{Desc, Layout, Queue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::{self, Error, Kind, Transport};
 use crate::{dma, smp, tsc, x86};
-use core::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 pub const DEVICE_ID_TRANSITIONAL: u16 = 0x1001;
 pub const DEVICE_ID_MODERN: u16 = 0x1042;
@@ -57,6 +57,16 @@ pub enum Completion {
     Irq,
 }
 
+/// When a queue completed by interrupt asks for one (`irq_arm=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IrqArm {
+    /// After every harvest, so every completion is signalled (what Linux does).
+    Always,
+    /// Only when a thread runs out of work and waits: a completion that is ready by then
+    /// (a device that finished inside the kick's exit) is taken with no interrupt.
+    OnWait,
+}
+
 /// Driver options from the command line.
 #[derive(Clone, Copy)]
 pub struct Options {
@@ -64,6 +74,7 @@ pub struct Options {
     /// Fall back to the other transport when the device lacks `kind`.
     pub either_transport: bool,
     pub completion: Completion,
+    pub irq_arm: IrqArm,
     pub event_idx: bool,
     pub indirect: bool,
     /// Queues wanted (one per worker thread); fewer if the device has fewer.
@@ -111,8 +122,9 @@ pub struct BlkQueue {
     descs_per_slot: u16,
     size_max: u32,
     pub vector: Option<u8>,
-    pub interrupts_waited: AtomicU16,
+    pub interrupts_waited: AtomicU32,
     completion: Completion,
+    irq_arm: IrqArm,
 }
 
 // SAFETY: `mem` entries are written only by the holder of the slot, which
@@ -207,8 +219,9 @@ impl BlkQueue {
             descs_per_slot,
             size_max,
             vector,
-            interrupts_waited: AtomicU16::new(0),
+            interrupts_waited: AtomicU32::new(0),
             completion: opts.completion,
+            irq_arm: opts.irq_arm,
         })
     }
 
@@ -377,8 +390,12 @@ impl BlkQueue {
             count += 1;
             f(slot, status);
         }
-        if self.completion == Completion::Poll {
-            ring.queue.disable_interrupts();
+        match self.completion {
+            Completion::Poll => ring.queue.disable_interrupts(),
+            // Re-armed at once, as Linux's virtio drivers do after a harvest: the next
+            // completion is signalled even if it is ready before anyone waits for it.
+            Completion::Irq if self.irq_arm == IrqArm::Always => ring.queue.enable_interrupts(),
+            Completion::Irq => {}
         }
         count
     }
@@ -528,6 +545,16 @@ impl Disk {
             .iter()
             .flatten()
             .map(|q| q.interrupts_waited.load(Ordering::Relaxed) as u64)
+            .sum()
+    }
+
+    /// Interrupts taken on the disk's queue vectors so far (waited for or not).
+    pub fn interrupts_taken(&self) -> u64 {
+        self.queues
+            .iter()
+            .flatten()
+            .filter_map(|q| q.vector)
+            .map(|v| INTERRUPT_COUNTS[v as usize].load(Ordering::Relaxed))
             .sum()
     }
 }

@@ -361,6 +361,7 @@ pub fn run(boot: &Boot) -> bool {
     }
     let kicks_before = disk.kicks();
     let irqs_before = disk.interrupts_waited();
+    let interrupts_before = disk.interrupts_taken();
     // A short head start lets every AP see the job before the clock starts.
     job.start_tsc = x86::rdtsc() + tsc::ns_to_ticks(1_000_000);
     job.deadline_tsc = job.start_tsc + tsc::ns_to_ticks(secs * 1_000_000_000);
@@ -383,7 +384,7 @@ pub fn run(boot: &Boot) -> bool {
     let mibps = ops as u128 * block_bytes as u128 * 1_000_000_000 / elapsed_ns as u128 / (1 << 20);
     let ok = errors == 0 && timeouts == 0 && ops > 0;
     println!(
-        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} timeouts={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={}",
+        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} timeouts={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={} interrupts={}",
         NAME,
         if ok { "ok" } else { "fail" },
         iops,
@@ -402,6 +403,7 @@ pub fn run(boot: &Boot) -> bool {
         disk.interrupts_waited() - irqs_before,
         if opts.either_transport { "auto" } else { opts.kind.name() },
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
+        disk.interrupts_taken() - interrupts_before,
     );
     ok
 }

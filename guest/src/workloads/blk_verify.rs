@@ -555,10 +555,11 @@ pub fn run(boot: &Boot) -> bool {
         totals.errors += job.errors.load(Ordering::Relaxed);
     }
     let kicks: u64 = all.iter().map(|d| d.kicks()).sum();
-    let interrupts: u64 = all.iter().map(|d| d.interrupts_waited()).sum();
+    let waits: u64 = all.iter().map(|d| d.interrupts_waited()).sum();
+    let interrupts: u64 = all.iter().map(|d| d.interrupts_taken()).sum();
     let ok = totals.errors == 0 && totals.ro_refused == totals.ro_disks;
     println!(
-        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={}{}",
+        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={} interrupts={}{}",
         NAME,
         if ok { "ok" } else { "fail" },
         totals.disks,
@@ -571,10 +572,11 @@ pub fn run(boot: &Boot) -> bool {
         totals.flushes,
         threads,
         kicks,
-        interrupts,
+        waits,
         tsc::ticks_to_ns(MAX_LATENCY_TICKS.load(Ordering::Relaxed)) / 1000,
         if opts.either_transport { "auto" } else { opts.kind.name() },
         if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
+        interrupts,
         if power_button::pressed() { " shutdown=power-button" } else { "" },
     );
     ok

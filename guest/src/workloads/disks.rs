@@ -1,7 +1,7 @@
 //! What the block workloads share: driver options from the command line,
 //! and finding and opening the virtio-blk disks.
 
-use crate::blk::{self, Completion, Disk, Options};
+use crate::blk::{self, Completion, Disk, IrqArm, Options};
 use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp};
@@ -50,10 +50,21 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
             })
         }
     };
+    let irq_arm = match cmdline.get_or("irq_arm", "always") {
+        "always" => IrqArm::Always,
+        "on-wait" => IrqArm::OnWait,
+        _ => {
+            return Err(Failure {
+                reason: "bad-argument",
+                detail: "irq_arm",
+            })
+        }
+    };
     Ok(Options {
         kind,
         either_transport,
         completion,
+        irq_arm,
         event_idx: on_off(cmdline, "event_idx", true)?,
         indirect: on_off(cmdline, "indirect", true)?,
         queues: smp::online(),
