@@ -89,6 +89,8 @@ def main() -> None:
     samples: dict[tuple[str, str, str], list[float]] = {}
     rejected: list[str] = []
     names: list[str] = []
+    # Interrupts the guest took per request in the irq rows: what a completion costs it.
+    per_request: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for row in rows:
             rw, bs, qd, vcpus = JOBS[row]
@@ -115,6 +117,8 @@ def main() -> None:
                     else:
                         die(f"{name} {row}: the guest's clock was wrong three times")
                     samples.setdefault((row, completion, name), []).append(float(res["iops"]))
+                    if completion == "irq" and "interrupts" in res and int(res["ops"]):
+                        per_request.setdefault((row, name), []).append(int(res["interrupts"]) / int(res["ops"]))
                     print(f"round {rnd + 1} {row} {completion} {name}: {res['iops']} IOPS", file=sys.stderr)
             if have_fio:
                 samples.setdefault((row, "host", "fio"), []).append(
@@ -134,6 +138,9 @@ def main() -> None:
                 chart_series[n].append(c)
     print(f"\n4 KiB/128 KiB IOPS, median (min-max) of {args.rounds} interleaved rounds, {args.secs} s each\n")
     print(markdown_table(header, table))
+    print("\nInterrupts taken per request, completion=irq (median (min-max))\n")
+    print(markdown_table(["job", *names], [
+        [row, *(summarise(per_request.get((row, n), [])).fmt(2) for n in names)] for row in rows]))
     if rejected:
         print(f"\n{len(rejected)} runs discarded and run again (guest clock wrong): " + "; ".join(rejected))
     svg_bar_chart(OUT / "blk.svg", "virtio-blk IOPS", chart_groups, chart_series, "IOPS")
