@@ -236,6 +236,26 @@ fn interrupt_completion_signals_every_completion_unless_armed_only_on_wait() {
     );
 }
 
+/// `irq_wait=halt`: the guest halts (through a self-IPI to a CPL0 handler) instead of
+/// spinning while it waits for its interrupt; no completion is slept through.
+#[test]
+fn blk_verify_passes_with_a_guest_that_halts_while_it_waits() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("irq-halt");
+    for ioeventfd in ["on", "off"] {
+        let image = scratch.image(&format!("{ioeventfd}.img"), 8 * MIB);
+        let output = run_guest(
+            "workload=blk-verify seed=7 loops=3 completion=irq irq_wait=halt",
+            &[
+                "--disk".into(),
+                disk_arg(&image, &format!("ioeventfd={ioeventfd}")),
+            ],
+        );
+        let result = assert_verified(&output, 1);
+        assert_ne!(result["interrupts"], "0", "ioeventfd={ioeventfd}\n{output}");
+    }
+}
+
 #[test]
 fn blk_verify_passes_on_every_io_engine() {
     let _turn = take_turn();

@@ -67,6 +67,15 @@ pub enum IrqArm {
     OnWait,
 }
 
+/// How a thread waits for its queue's interrupt (`irq_wait=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IrqWait {
+    /// Spinning at CPL3: the vCPU keeps its host CPU.
+    Spin,
+    /// Halting, as an idle OS does: the vCPU's host thread sleeps until the interrupt.
+    Halt,
+}
+
 /// Driver options from the command line.
 #[derive(Clone, Copy)]
 pub struct Options {
@@ -75,6 +84,7 @@ pub struct Options {
     pub either_transport: bool,
     pub completion: Completion,
     pub irq_arm: IrqArm,
+    pub irq_wait: IrqWait,
     pub event_idx: bool,
     pub indirect: bool,
     /// Queues wanted (one per worker thread); fewer if the device has fewer.
@@ -125,6 +135,7 @@ pub struct BlkQueue {
     pub interrupts_waited: AtomicU32,
     completion: Completion,
     irq_arm: IrqArm,
+    irq_wait: IrqWait,
 }
 
 // SAFETY: `mem` entries are written only by the holder of the slot, which
@@ -222,6 +233,7 @@ impl BlkQueue {
             interrupts_waited: AtomicU32::new(0),
             completion: opts.completion,
             irq_arm: opts.irq_arm,
+            irq_wait: opts.irq_wait,
         })
     }
 
@@ -453,7 +465,10 @@ impl BlkQueue {
                     if x86::rdtsc() > deadline {
                         return false;
                     }
-                    x86::pause();
+                    match self.irq_wait {
+                        IrqWait::Spin => x86::pause(),
+                        IrqWait::Halt => crate::lapic::halt_until_changed(counter, seen),
+                    }
                 }
                 self.interrupts_waited.fetch_add(1, Ordering::Relaxed);
                 true

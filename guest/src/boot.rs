@@ -219,6 +219,8 @@ interrupt_stubs:
     movl $vec, %eax
     .if vec == {spurious}
     jmp spurious_common
+    .elseif vec == {halt}
+    jmp halt_common
     .else
     jmp interrupt_common
     .endif
@@ -230,6 +232,24 @@ interrupt_common:
     movl $0xFEE000B0, %eax
     movl $0, (%rax)
     popq %rax
+    iretq
+
+    /* The halt vector (lapic::halt_until_changed): entered by a self-IPI with
+       %rdi = &counter, %rsi = the value seen. EOI first (a power-button press
+       shares this priority class), then sleep unless the counter moved: the
+       check runs with IF=0 and `sti; hlt` opens no window, so an interrupt
+       that came first is never slept through. %ecx = 1 tells the sender the
+       handler ran; iretq restores no general registers. */
+halt_common:
+    movl $0xFEE000B0, %eax
+    movl $0, (%rax)
+    popq %rax
+    movl $1, %ecx
+    cmpq %rsi, (%rdi)
+    jne 1f
+    sti
+    hlt
+1:
     iretq
 
     /* The APIC's spurious vector: counted, but not in service, so no EOI. */
@@ -347,5 +367,6 @@ stack_pts:
     kernel_top = const KERNEL_STACK_TOP,
     first_tss = const FIRST_TSS_SELECTOR,
     spurious = const crate::lapic::SPURIOUS_VECTOR,
+    halt = const crate::lapic::HALT_VECTOR,
     options(att_syntax)
 );

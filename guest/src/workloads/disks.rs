@@ -1,7 +1,7 @@
 //! What the block workloads share: driver options from the command line,
 //! and finding and opening the virtio-blk disks.
 
-use crate::blk::{self, Completion, Disk, IrqArm, Options};
+use crate::blk::{self, Completion, Disk, IrqArm, IrqWait, Options};
 use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp};
@@ -60,11 +60,25 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
             })
         }
     };
+    let irq_wait = match cmdline.get_or("irq_wait", "spin") {
+        "spin" => IrqWait::Spin,
+        "halt" => IrqWait::Halt,
+        _ => {
+            return Err(Failure {
+                reason: "bad-argument",
+                detail: "irq_wait",
+            })
+        }
+    };
+    if irq_wait == IrqWait::Halt && completion == Completion::Irq {
+        smp::run_on_all(|_, _| crate::lapic::start_wake_tick(), 0);
+    }
     Ok(Options {
         kind,
         either_transport,
         completion,
         irq_arm,
+        irq_wait,
         event_idx: on_off(cmdline, "event_idx", true)?,
         indirect: on_off(cmdline, "indirect", true)?,
         queues: smp::online(),
