@@ -415,39 +415,15 @@ pub fn run(boot: &Boot) -> bool {
     const NAME: &str = "blk-verify";
     let seed = match boot.cmdline.number("seed", 1) {
         Ok(s) => s,
-        Err(_) => {
-            return disks::report_failure(
-                NAME,
-                &Failure {
-                    reason: "bad-argument",
-                    detail: "seed",
-                },
-            )
-        }
+        Err(_) => return disks::report_failure(NAME, &Failure::bad_argument("seed")),
     };
     let loops = match boot.cmdline.number("loops", 1) {
         Ok(l) if l >= 1 => l,
-        _ => {
-            return disks::report_failure(
-                NAME,
-                &Failure {
-                    reason: "bad-argument",
-                    detail: "loops",
-                },
-            )
-        }
+        _ => return disks::report_failure(NAME, &Failure::bad_argument("loops")),
     };
     let hold = match boot.cmdline.number("hold", 0) {
         Ok(h) if h <= 1 => h == 1,
-        _ => {
-            return disks::report_failure(
-                NAME,
-                &Failure {
-                    reason: "bad-argument",
-                    detail: "hold",
-                },
-            )
-        }
+        _ => return disks::report_failure(NAME, &Failure::bad_argument("hold")),
     };
     let opts = match disks::options(&boot.cmdline, EXTENT_BYTES) {
         Ok(o) => o,

@@ -14,62 +14,77 @@ pub struct Failure {
     pub detail: &'static str,
 }
 
-fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, Failure> {
-    match cmdline.get(key) {
-        None => Ok(default),
-        Some("on") | Some("1") | Some("yes") => Ok(true),
-        Some("off") | Some("0") | Some("no") => Ok(false),
-        Some(_) => Err(Failure {
+impl Failure {
+    pub fn bad_argument(key: &'static str) -> Self {
+        Failure {
             reason: "bad-argument",
             detail: key,
-        }),
+        }
     }
+}
+
+pub fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, Failure> {
+    choice(
+        cmdline,
+        key,
+        if default { "on" } else { "off" },
+        &[
+            ("on", true),
+            ("1", true),
+            ("yes", true),
+            ("off", false),
+            ("0", false),
+            ("no", false),
+        ],
+    )
+}
+
+/// The value `key=` names among `choices` (`default` when absent).
+pub fn choice<T: Copy>(
+    cmdline: &Cmdline,
+    key: &'static str,
+    default: &str,
+    choices: &[(&str, T)],
+) -> Result<T, Failure> {
+    let given = cmdline.get(key).unwrap_or(default);
+    choices
+        .iter()
+        .find(|(name, _)| *name == given)
+        .map(|&(_, value)| value)
+        .ok_or(Failure::bad_argument(key))
 }
 
 /// Reads `transport=` (`modern`, `legacy`, or `auto`: modern where the
 /// device has it, else legacy), `completion=`, `event_idx=`, `indirect=`.
 pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Failure> {
-    let (kind, either_transport) = match cmdline.get_or("transport", "modern") {
-        "modern" => (Kind::Modern, false),
-        "legacy" => (Kind::Legacy, false),
-        "auto" => (Kind::Modern, true),
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "transport",
-            })
-        }
-    };
-    let completion = match cmdline.get_or("completion", "poll") {
-        "poll" => Completion::Poll,
-        "irq" => Completion::Irq,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "completion",
-            })
-        }
-    };
-    let irq_arm = match cmdline.get_or("irq_arm", "always") {
-        "always" => IrqArm::Always,
-        "on-wait" => IrqArm::OnWait,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "irq_arm",
-            })
-        }
-    };
-    let irq_wait = match cmdline.get_or("irq_wait", "spin") {
-        "spin" => IrqWait::Spin,
-        "halt" => IrqWait::Halt,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "irq_wait",
-            })
-        }
-    };
+    let (kind, either_transport) = choice(
+        cmdline,
+        "transport",
+        "modern",
+        &[
+            ("modern", (Kind::Modern, false)),
+            ("legacy", (Kind::Legacy, false)),
+            ("auto", (Kind::Modern, true)),
+        ],
+    )?;
+    let completion = choice(
+        cmdline,
+        "completion",
+        "poll",
+        &[("poll", Completion::Poll), ("irq", Completion::Irq)],
+    )?;
+    let irq_arm = choice(
+        cmdline,
+        "irq_arm",
+        "always",
+        &[("always", IrqArm::Always), ("on-wait", IrqArm::OnWait)],
+    )?;
+    let irq_wait = choice(
+        cmdline,
+        "irq_wait",
+        "spin",
+        &[("spin", IrqWait::Spin), ("halt", IrqWait::Halt)],
+    )?;
     if irq_wait == IrqWait::Halt && completion == Completion::Irq {
         smp::run_on_all(|_, _| crate::lapic::start_wake_tick(), 0);
     }

@@ -11,15 +11,7 @@ pub fn run(boot: &Boot) -> bool {
     const NAME: &str = "kick-bench";
     let n = match boot.cmdline.number("n", 100_000) {
         Ok(n) if n > 0 => n,
-        _ => {
-            return disks::report_failure(
-                NAME,
-                &Failure {
-                    reason: "bad-argument",
-                    detail: "n",
-                },
-            )
-        }
+        _ => return disks::report_failure(NAME, &Failure::bad_argument("n")),
     };
     let opts = match disks::options(&boot.cmdline, 4096) {
         Ok(o) => o,

@@ -8,6 +8,7 @@ use crate::virtio::Kind;
 use crate::{pci, println, smp, tsc, x86};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::disks::{choice, on_off};
 pub use super::disks::{report_failure, Failure};
 
 pub struct Setup {
@@ -16,53 +17,28 @@ pub struct Setup {
     pub opts: Options,
 }
 
-fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<bool, Failure> {
-    match cmdline.get(key) {
-        None => Ok(default),
-        Some("on") | Some("1") | Some("yes") => Ok(true),
-        Some("off") | Some("0") | Some("no") => Ok(false),
-        Some(_) => Err(Failure {
-            reason: "bad-argument",
-            detail: key,
-        }),
-    }
-}
-
 /// Reads `ip=`, `secs=`, `transport=`, `completion=`, `event_idx=`.
 pub fn setup(cmdline: &Cmdline) -> Result<Setup, Failure> {
-    let addr = cmdline.get("ip").and_then(stack::parse_ip).ok_or(Failure {
-        reason: "bad-argument",
-        detail: "ip",
-    })?;
+    let addr = cmdline
+        .get("ip")
+        .and_then(stack::parse_ip)
+        .ok_or(Failure::bad_argument("ip"))?;
     let secs = match cmdline.number("secs", 10) {
         Ok(s) if (1..=3600).contains(&s) => s,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "secs",
-            })
-        }
+        _ => return Err(Failure::bad_argument("secs")),
     };
-    let kind = match cmdline.get_or("transport", "modern") {
-        "modern" => Kind::Modern,
-        "legacy" => Kind::Legacy,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "transport",
-            })
-        }
-    };
-    let completion = match cmdline.get_or("completion", "poll") {
-        "poll" => Completion::Poll,
-        "irq" => Completion::Irq,
-        _ => {
-            return Err(Failure {
-                reason: "bad-argument",
-                detail: "completion",
-            })
-        }
-    };
+    let kind = choice(
+        cmdline,
+        "transport",
+        "modern",
+        &[("modern", Kind::Modern), ("legacy", Kind::Legacy)],
+    )?;
+    let completion = choice(
+        cmdline,
+        "completion",
+        "poll",
+        &[("poll", Completion::Poll), ("irq", Completion::Irq)],
+    )?;
     Ok(Setup {
         addr,
         secs,

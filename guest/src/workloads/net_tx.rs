@@ -109,25 +109,11 @@ pub fn run(boot: &Boot) -> bool {
         Err(f) => return common::report_failure(NAME, &f),
     };
     let Some(dst) = boot.cmdline.get("dst").and_then(stack::parse_endpoint) else {
-        return common::report_failure(
-            NAME,
-            &Failure {
-                reason: "bad-argument",
-                detail: "dst",
-            },
-        );
+        return common::report_failure(NAME, &Failure::bad_argument("dst"));
     };
     let size = match boot.cmdline.number("size", 64) {
         Ok(n) if (8..=MAX_UDP_PAYLOAD as u64).contains(&n) => n as usize,
-        _ => {
-            return common::report_failure(
-                NAME,
-                &Failure {
-                    reason: "bad-argument",
-                    detail: "size",
-                },
-            )
-        }
+        _ => return common::report_failure(NAME, &Failure::bad_argument("size")),
     };
     let dev = match common::open(&setup) {
         Ok(d) => d,
