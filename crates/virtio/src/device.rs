@@ -80,6 +80,26 @@ pub trait QueueHandler: Send + Sync {
         false
     }
     fn num_queues(&self) -> usize;
+    /// Whether the backend signals interrupts itself and so can be handed a vector's irqfd
+    /// ([`Self::route_interrupts`]) instead of an eventfd kickvm relays.
+    fn takes_direct_interrupts(&self) -> bool {
+        false
+    }
+    /// Per queue: the irqfd of its MSI-X vector while that vector can fire, else `None`
+    /// (the backend's signals are then relayed by [`Self::process_completions`], which is
+    /// what marks a masked vector pending and drives INTx). Called whenever that changes.
+    fn route_interrupts(&self, _direct: Vec<Option<DirectInterrupt>>) {}
+    /// Whether `queue`'s interrupts currently go from the backend straight into KVM.
+    fn interrupts_direct(&self, _queue: usize) -> bool {
+        false
+    }
+}
+
+/// A queue's MSI-X vector as a backend may signal it itself.
+pub struct DirectInterrupt {
+    pub vector: u16,
+    /// A duplicate of the vector's irqfd.
+    pub irqfd: EventFd,
 }
 
 /// The adapter the notifier uses to run a queue inline.

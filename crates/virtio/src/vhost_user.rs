@@ -14,7 +14,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice, VirtioInterrupt,
+    read_config_bytes, ActivateError, Activation, DirectInterrupt, QueueHandler, VirtioDevice,
+    VirtioInterrupt,
 };
 
 const VIRTIO_ID_BLOCK: u16 = 2;
@@ -65,10 +66,20 @@ struct Ring {
     base: u16,
     kick: Arc<EventFd>,
     call: Arc<EventFd>,
+    /// The queue's MSI-X irqfd while its vector can fire: given to the backend instead of
+    /// `call`, so its completions reach KVM with no kickvm thread in between.
+    direct: Option<DirectInterrupt>,
     running: bool,
     /// Guest addresses of the available and used rings' `idx` fields.
     avail_idx: GuestAddress,
     used_idx: GuestAddress,
+}
+
+impl Ring {
+    /// What the backend signals on completion: the vector's irqfd, or kickvm's relay.
+    fn call_fd(&self) -> &EventFd {
+        self.direct.as_ref().map_or(&*self.call, |d| &d.irqfd)
+    }
 }
 
 /// How long a pause waits for the backend to finish the requests it has taken.
@@ -98,7 +109,7 @@ impl Backend {
             .set_vring_base(ring.index, ring.base)
             .map_err(at("SET_VRING_BASE"))?;
         frontend
-            .set_vring_call(ring.index, &ring.call)
+            .set_vring_call(ring.index, ring.call_fd())
             .map_err(at("SET_VRING_CALL"))?;
         frontend
             .set_vring_kick(ring.index, &ring.kick)
@@ -364,6 +375,7 @@ impl VirtioDevice for VhostUserBlk {
                 base: queue.next_avail(),
                 kick: setup.kick.clone(),
                 call: call.clone(),
+                direct: None,
                 running: false,
                 avail_idx: GuestAddress(queue.avail_ring() + 2),
                 used_idx: GuestAddress(queue.used_ring() + 2),
@@ -376,6 +388,7 @@ impl VirtioDevice for VhostUserBlk {
         Ok(Arc::new(VhostUserHandler {
             backend: self.backend.clone(),
             mem: activation.mem,
+            direct: (0..num_queues).map(|_| AtomicBool::new(false)).collect(),
             kicks,
             calls,
             interrupt: activation.interrupt,
@@ -396,6 +409,9 @@ pub struct VhostUserHandler {
     mem: GuestMemoryMmap,
     kicks: Vec<Option<Arc<EventFd>>>,
     calls: Vec<Option<Arc<EventFd>>>,
+    /// Per queue: the backend signals the vector's irqfd itself (readable without the
+    /// backend's lock, which a pause holds while it drains).
+    direct: Box<[AtomicBool]>,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
@@ -461,5 +477,43 @@ impl QueueHandler for VhostUserHandler {
 
     fn num_queues(&self) -> usize {
         self.kicks.len()
+    }
+
+    fn takes_direct_interrupts(&self) -> bool {
+        true
+    }
+
+    /// Re-sends SET_VRING_CALL for each running ring whose route changed (a stopped ring
+    /// gets its route when it starts). Between a guest masking a vector and the backend's
+    /// ack, a completion may still reach the guest through the old irqfd.
+    fn route_interrupts(&self, direct: Vec<Option<DirectInterrupt>>) {
+        let mut backend = self.backend.lock().unwrap();
+        let Backend {
+            frontend, rings, ..
+        } = &mut *backend;
+        for (queue, wanted) in direct.into_iter().enumerate() {
+            let Some(ring) = rings.iter_mut().find(|r| r.index == queue) else {
+                continue;
+            };
+            if ring.direct.as_ref().map(|d| d.vector) == wanted.as_ref().map(|d| d.vector) {
+                continue;
+            }
+            ring.direct = wanted;
+            if let Some(flag) = self.direct.get(queue) {
+                flag.store(ring.direct.is_some(), Ordering::Relaxed);
+            }
+            if ring.running {
+                if let Err(e) = frontend.set_vring_call(queue, ring.call_fd()) {
+                    log::warn!("vhost-user queue {queue}: SET_VRING_CALL failed: {e}");
+                    self.interrupt.set_needs_reset();
+                }
+            }
+        }
+    }
+
+    fn interrupts_direct(&self, queue: usize) -> bool {
+        self.direct
+            .get(queue)
+            .is_some_and(|d| d.load(Ordering::Relaxed))
     }
 }

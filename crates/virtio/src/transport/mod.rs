@@ -26,7 +26,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::counters::{QueueCounters, QueueCountersSnapshot};
 use crate::device::{
-    ActivateError, Activation, HandlerSink, QueueHandler, QueueSetup, VirtioDevice, VirtioInterrupt,
+    ActivateError, Activation, DirectInterrupt, HandlerSink, QueueHandler, QueueSetup,
+    VirtioDevice, VirtioInterrupt,
 };
 use crate::io_thread::IoThread;
 use crate::ioevent::{Doorbell, IoeventRegistrar};
@@ -125,6 +126,8 @@ pub struct TransportOptions {
 pub struct QueueReport {
     pub mode: NotifyMode,
     pub counters: QueueCountersSnapshot,
+    /// The backend signals the queue's MSI-X irqfd itself (its interrupts are not counted).
+    pub interrupts_direct: bool,
 }
 
 pub struct VirtioPciDevice {
@@ -342,9 +345,14 @@ impl VirtioPciDevice {
             .modes()
             .into_iter()
             .zip(self.counters.iter())
-            .map(|(mode, c)| QueueReport {
+            .enumerate()
+            .map(|(queue, (mode, c))| QueueReport {
                 mode,
                 counters: c.snapshot(),
+                interrupts_direct: self
+                    .handler
+                    .as_ref()
+                    .is_some_and(|h| h.interrupts_direct(queue)),
             })
             .collect()
     }
@@ -552,6 +560,35 @@ impl VirtioPciDevice {
         self.notifier
             .driver_ok(doorbells, &HandlerSink(Some(&handler)));
         self.handler = Some(handler);
+        self.route_direct_interrupts();
+    }
+
+    /// Hands a backend that signals interrupts itself the irqfd of each queue's vector while
+    /// that vector can fire (KVM injects with no kickvm thread in between), and the eventfd
+    /// kickvm relays otherwise (masked, MSI-X off: pending bits and INTx stay kickvm's).
+    /// Called wherever that can change: activation, MSI-X control and table writes.
+    fn route_direct_interrupts(&self) {
+        let Some(handler) = self
+            .handler
+            .as_ref()
+            .filter(|h| h.takes_direct_interrupts())
+        else {
+            return;
+        };
+        let direct = {
+            let msix = self.msix.lock().unwrap();
+            (0..self.kicks.len())
+                .map(|queue| {
+                    let vector = self.interrupt.queue_vector(queue);
+                    if !msix.deliverable(vector) {
+                        return None;
+                    }
+                    let irqfd = msix.irqfd(vector)?.try_clone().ok()?;
+                    Some(DirectInterrupt { vector, irqfd })
+                })
+                .collect()
+        };
+        handler.route_interrupts(direct);
     }
 
     /// DRIVER_OK lost or reset: kicks already signalled are processed before the device stops.
@@ -720,6 +757,7 @@ impl PciDevice for VirtioPciDevice {
             let bytes = self.config.bytes(msg_ctl, 2);
             let control = u16::from_le_bytes([bytes[0], bytes[1]]);
             self.msix.lock().unwrap().set_message_control(control);
+            self.route_direct_interrupts();
         }
         if start < 6 && end > 4 {
             self.interrupt
@@ -750,6 +788,7 @@ impl PciDevice for VirtioPciDevice {
             MODERN_BAR if self.kind.has_modern() => self.write_modern(offset, data),
             MSIX_BAR if offset < MSIX_PBA_OFFSET => {
                 self.msix.lock().unwrap().write_table(offset, data);
+                self.route_direct_interrupts();
             }
             _ => {}
         }
@@ -779,7 +818,7 @@ impl Drop for VirtioPciDevice {
             let c = self.counters[index].snapshot();
             log::info!(
                 "{} queue {index}: mode={} kicks_ioeventfd={} kicks_exit={} kicks_replayed={} \
-                 requests={} bytes={} interrupts_sent={} interrupts_suppressed={}",
+                 requests={} bytes={} interrupts_sent={} interrupts_suppressed={} interrupts={}",
                 self.id,
                 report.mode,
                 c.kicks_ioeventfd,
@@ -788,7 +827,12 @@ impl Drop for VirtioPciDevice {
                 c.requests,
                 c.bytes,
                 c.interrupts_sent,
-                c.interrupts_suppressed
+                c.interrupts_suppressed,
+                if report.interrupts_direct {
+                    "direct"
+                } else {
+                    "relayed"
+                }
             );
         }
     }

@@ -9,6 +9,10 @@ const LEGACY_BASE: u64 = 0xc040;
 #[derive(Default)]
 struct TestHandler {
     kicks: Mutex<Vec<usize>>,
+    /// Plays a backend that signals interrupts itself.
+    takes_direct: std::sync::atomic::AtomicBool,
+    /// Each `route_interrupts` call: per queue, the vector handed over directly.
+    routes: Mutex<Vec<Vec<Option<u16>>>>,
 }
 
 impl QueueHandler for TestHandler {
@@ -24,6 +28,16 @@ impl QueueHandler for TestHandler {
     }
     fn num_queues(&self) -> usize {
         2
+    }
+    fn takes_direct_interrupts(&self) -> bool {
+        self.takes_direct.load(Ordering::SeqCst)
+    }
+    fn route_interrupts(&self, direct: Vec<Option<DirectInterrupt>>) {
+        let vectors = direct
+            .iter()
+            .map(|d| d.as_ref().map(|d| d.vector))
+            .collect();
+        self.routes.lock().unwrap().push(vectors);
     }
 }
 
@@ -348,6 +362,46 @@ fn rings_outside_guest_memory_set_needs_reset() {
     r.common_write(0x1c, 1, 2);
     r.common_write(0x14, u64::from(STATUS_FEATURES_OK | STATUS_DRIVER_OK), 1);
     assert_ne!(r.status() & STATUS_NEEDS_RESET, 0);
+}
+
+impl Rig {
+    fn msix_control(&mut self, control: u16) {
+        let at = self.pci.msix_cap + 2;
+        self.pci
+            .write_config(at / 4, (at % 4) as u64, &control.to_le_bytes());
+    }
+    fn msix_entry_control(&mut self, vector: u64, masked: bool) {
+        self.pci
+            .write_bar(MSIX_BAR, vector * 16 + 12, &u32::from(masked).to_le_bytes());
+    }
+    fn last_route(&self) -> Option<Vec<Option<u16>>> {
+        self.handler.routes.lock().unwrap().last().cloned()
+    }
+}
+
+#[test]
+fn a_backend_gets_a_queues_irqfd_only_while_its_vector_can_fire() {
+    const ENABLE: u16 = 1 << 15;
+    const FUNCTION_MASK: u16 = 1 << 14;
+    let mut r = rig(TransportKind::Modern, true);
+    r.handler.takes_direct.store(true, Ordering::SeqCst);
+    r.msix_control(ENABLE);
+    r.pci.write_bar(MSIX_BAR, 0, &0xfee0_0000u32.to_le_bytes());
+    r.pci.write_bar(MSIX_BAR, 8, &0x41u32.to_le_bytes());
+    r.msix_entry_control(0, false);
+    r.common_write(0x16, 0, 2);
+    r.common_write(0x1a, 0, 2); // queue 0 -> vector 0; queue 1 keeps NO_VECTOR
+    assert_eq!(r.last_route(), None, "nothing is routed before DRIVER_OK");
+    r.modern_bring_up(16);
+    assert_eq!(r.last_route(), Some(vec![Some(0), None]));
+    r.msix_entry_control(0, true);
+    assert_eq!(r.last_route(), Some(vec![None, None]), "vector masked");
+    r.msix_entry_control(0, false);
+    assert_eq!(r.last_route(), Some(vec![Some(0), None]), "unmasked");
+    r.msix_control(ENABLE | FUNCTION_MASK);
+    assert_eq!(r.last_route(), Some(vec![None, None]), "function masked");
+    r.msix_control(0);
+    assert_eq!(r.last_route(), Some(vec![None, None]), "MSI-X off: INTx");
 }
 
 #[test]
