@@ -234,6 +234,7 @@ pub fn stats_tables(counters: &Value) -> String {
     ];
     let mut queue_header = vec!["device", "queue", "notify"];
     queue_header.extend(fields);
+    queue_header.push("interrupts");
     let mut queue_rows = Vec::new();
     for device in counters["devices"].as_array().into_iter().flatten() {
         for queue in device["queues"].as_array().into_iter().flatten() {
@@ -243,6 +244,7 @@ pub fn stats_tables(counters: &Value) -> String {
                 queue["notify"].as_str().unwrap_or("?").to_string(),
             ];
             row.extend(fields.iter().map(|f| number(&queue[*f])));
+            row.push(queue["interrupts"].as_str().unwrap_or("?").to_string());
             queue_rows.push(row);
         }
     }
@@ -271,7 +273,7 @@ mod tests {
             "devices": [{"id": "disk0", "queues": [
                 {"index": 0, "notify": "ioeventfd", "kicks_ioeventfd": 40, "kicks_exit": 2,
                  "kicks_replayed": 1, "requests": 41, "bytes": 167936,
-                 "interrupts_sent": 0, "interrupts_suppressed": 0}
+                 "interrupts_sent": 0, "interrupts_suppressed": 0, "interrupts": "direct"}
             ]}]
         });
         let text = stats_tables(&counters);
@@ -280,7 +282,7 @@ mod tests {
         assert!(lines[1].contains("12345"), "{text}");
         let disk = lines.iter().find(|l| l.starts_with("disk0")).unwrap();
         assert!(
-            disk.contains("ioeventfd") && disk.contains("167936"),
+            disk.contains("ioeventfd") && disk.contains("167936") && disk.ends_with("direct"),
             "{text}"
         );
         // Numbers are right-aligned under their headers.
