@@ -8,7 +8,7 @@ GUEST := target/guest/kickvm-guest
 all: build guest
 
 build:
-	$(CARGO) build --release -p kickvm -p kick-floor
+	$(CARGO) build --release -p kickvm -p kick-floor -p udp-peer
 
 guest:
 	@./guest/build.sh
