@@ -277,3 +277,49 @@ fn a_missing_vhost_user_socket_is_a_one_line_usage_error() {
     common::assert_one_line_error(&output, "nobody-listens.sock");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_backend_that_dies_mid_run_fails_the_device_and_kickvm_stays_in_control() {
+    let mut backend = Backend::start("dies", 1);
+    let disk = backend.disk_arg("ioeventfd=on");
+    let mut vm = api_vm::ApiVm::start(
+        "vhost-user-dies-vm",
+        common::test_guest(),
+        "workload=blk-verify seed=90 loops=1000000 completion=irq",
+        &["--disk", &disk],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.device("disk0")["active"] != true {
+        assert!(Instant::now() < deadline, "the guest never set up disk0");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    backend.stop();
+    const NEEDS_RESET: u64 = 0x40;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.device("disk0")["status"].as_u64().unwrap() & NEEDS_RESET == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "NEEDS_RESET not set 10 s after the backend died"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A pause does not wait for requests a dead backend will never complete.
+    let asked = Instant::now();
+    assert_eq!(vm.call("PUT", "vm.pause", None).0, 204);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "pause took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(vm.call("PUT", "vm.resume", None).0, 204);
+    // The guest waits on its disk forever; the grace period ends it.
+    let body = r#"{"timeout_secs": 1}"#;
+    assert_eq!(vm.call("PUT", "vm.shutdown", Some(body)).0, 202);
+    let output = vm.finish(RUN_TIMEOUT);
+    output.assert_exit_code(0);
+    assert!(
+        output.stderr.contains("disk0: the backend hung up"),
+        "{output}"
+    );
+}

@@ -143,6 +143,11 @@ pub trait VirtioDevice: Send {
     fn takes_host_notifiers(&self) -> bool {
         false
     }
+    /// A socket whose hang-up means the device's backend is gone, and what the device does
+    /// then (the transport also sets NEEDS_RESET): for devices served by another process.
+    fn backend_hangup(&self) -> Option<(RawFd, Arc<dyn Fn() + Send + Sync>)> {
+        None
+    }
     /// Stops using the queues: waits for requests in flight, then forgets them. The device is
     /// ready to be activated again.
     fn reset(&mut self);

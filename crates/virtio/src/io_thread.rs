@@ -131,17 +131,37 @@ impl IoThread {
 
     /// Runs `callback` on this thread whenever `fd` is readable; `id` names it for removal.
     pub fn add_callback(&self, id: u32, fd: RawFd, callback: Callback) -> std::io::Result<()> {
+        self.add_callback_on(id, fd, EventSet::IN, callback)
+    }
+
+    /// Runs `callback` on this thread once, when the peer of socket `fd` hangs up.
+    pub fn add_hangup_callback(
+        &self,
+        id: u32,
+        fd: RawFd,
+        callback: Callback,
+    ) -> std::io::Result<()> {
+        // Not IN: the socket's replies belong to whoever sent the request.
+        let events = EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ONE_SHOT;
+        self.add_callback_on(id, fd, events, callback)
+    }
+
+    fn add_callback_on(
+        &self,
+        id: u32,
+        fd: RawFd,
+        events: EventSet,
+        callback: Callback,
+    ) -> std::io::Result<()> {
         let token = KIND_CALLBACK | u64::from(id);
         self.shared
             .callbacks
             .lock()
             .unwrap()
             .insert(token, callback);
-        self.shared.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, token),
-        )
+        self.shared
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
     fn shutdown(&mut self) {

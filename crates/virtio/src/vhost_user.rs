@@ -91,6 +91,8 @@ struct Backend {
     path: PathBuf,
     frontend: Frontend,
     rings: Vec<Ring>,
+    /// The backend hung up (seen by the I/O thread): nothing more is asked of it.
+    gone: Arc<AtomicBool>,
 }
 
 impl Backend {
@@ -270,6 +272,7 @@ impl VhostUserBlk {
                 path: path.to_path_buf(),
                 frontend,
                 rings: Vec::new(),
+                gone: Arc::new(AtomicBool::new(false)),
             })),
             features,
             queue_sizes: vec![queue_size; usize::from(queues)],
@@ -320,6 +323,17 @@ impl VirtioDevice for VhostUserBlk {
 
     fn takes_host_notifiers(&self) -> bool {
         true
+    }
+
+    /// A backend that exits or crashes closes the socket: from then on the device asks it
+    /// nothing (a pause does not wait for requests it will never complete) and needs a reset.
+    fn backend_hangup(&self) -> Option<(RawFd, Arc<dyn Fn() + Send + Sync>)> {
+        let backend = self.backend.lock().unwrap();
+        let gone = backend.gone.clone();
+        Some((
+            backend.frontend.as_raw_fd(),
+            Arc::new(move || gone.store(true, Ordering::SeqCst)),
+        ))
     }
 
     fn activate(&mut self, activation: Activation) -> Result<Arc<dyn QueueHandler>, ActivateError> {
@@ -450,6 +464,9 @@ impl QueueHandler for VhostUserHandler {
     /// available around the pause does not wait for the guest's next kick.
     fn set_paused(&self, paused: bool) {
         let mut backend = self.backend.lock().unwrap();
+        if backend.gone.load(Ordering::SeqCst) {
+            return;
+        }
         if paused {
             if !backend.drain(&self.mem) {
                 log::warn!(
@@ -488,6 +505,9 @@ impl QueueHandler for VhostUserHandler {
     /// ack, a completion may still reach the guest through the old irqfd.
     fn route_interrupts(&self, direct: Vec<Option<DirectInterrupt>>) {
         let mut backend = self.backend.lock().unwrap();
+        if backend.gone.load(Ordering::SeqCst) {
+            return;
+        }
         let Backend {
             frontend, rings, ..
         } = &mut *backend;

@@ -282,6 +282,19 @@ impl VirtioPciDevice {
         if device.takes_host_notifiers() {
             notifier.take_host_notifier(&HandlerSink(None));
         }
+        if let Some((socket, gone)) = device.backend_hangup() {
+            let for_callback = interrupt.clone();
+            let name = id.to_string();
+            io_thread.add_hangup_callback(
+                1,
+                socket,
+                Arc::new(move || {
+                    log::error!("{name}: the backend hung up; the device needs a reset");
+                    gone();
+                    for_callback.set_needs_reset();
+                }),
+            )?;
+        }
         let regs = Registers::new(features, device.queue_max_sizes());
         log::info!(
             "{id}: virtio-pci {} device type {device_type}, {num_queues} queue(s), ioeventfd={}",
