@@ -211,32 +211,42 @@ fn two_vcpus_drive_two_backend_queues() {
 
 #[test]
 fn pause_and_resume_stop_and_restart_the_backend_rings_losing_nothing() {
-    const LOOPS: u64 = 12;
+    const CYCLES: u64 = 40;
     let mut backend = Backend::start("pause", 1);
     let disk = backend.disk_arg("ioeventfd=on");
+    // More loops than any machine finishes during the cycles; the power button ends them.
     let mut vm = api_vm::ApiVm::start(
         "vhost-user-pause-vm",
         common::test_guest(),
-        &format!("workload=blk-verify seed=80 loops={LOOPS} completion=irq"),
+        "workload=blk-verify seed=80 loops=1000000 completion=irq",
         &["--disk", &disk],
     );
-    let mut cycles = 0;
-    while vm.is_running() && cycles < 40 {
-        if vm.call("PUT", "vm.pause", None).0 != 204 {
-            break; // the VM ended between the check and the call
-        }
-        cycles += 1;
-        std::thread::sleep(Duration::from_millis(5 + (cycles * 7) % 20));
-        assert_eq!(vm.call("PUT", "vm.resume", None).0, 204);
-        std::thread::sleep(Duration::from_millis(10 + (cycles * 13) % 30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.device("disk0")["active"] != true {
+        assert!(Instant::now() < deadline, "the guest never set up disk0");
+        std::thread::sleep(Duration::from_millis(2));
     }
+    for cycle in 0..CYCLES {
+        assert_eq!(vm.call("PUT", "vm.pause", None).0, 204, "cycle {cycle}");
+        std::thread::sleep(Duration::from_millis(5 + (cycle * 7) % 20));
+        assert_eq!(vm.call("PUT", "vm.resume", None).0, 204, "cycle {cycle}");
+        std::thread::sleep(Duration::from_millis(10 + (cycle * 13) % 30));
+    }
+    assert_eq!(vm.call("PUT", "vm.shutdown", None).0, 202);
     let output = vm.finish(RUN_TIMEOUT);
-    assert!(
-        cycles >= 5,
-        "only {cycles} pause cycles happened:\n{output}"
-    );
     assert_verified(&output);
-    blk_pattern::assert_image(backend.stop(), 80 + LOOPS - 1, 0, 0);
+    let result = output.result("blk-verify");
+    assert_eq!(result["shutdown"], "power-button", "{output}");
+    let last_loop: u64 = output
+        .stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
+        .unwrap_or_else(|| panic!("no FLUSHED line:\n{output}"))
+        .trim()
+        .parse()
+        .unwrap();
+    blk_pattern::assert_image(backend.stop(), 80 + last_loop, 0, 0);
 }
 
 #[test]
