@@ -337,15 +337,7 @@ fn shutdown_during_blk_verify_lets_the_guest_flush_and_the_image_holds_its_last_
         Some("power-button"),
         "{output}"
     );
-    let last_loop: u64 = output
-        .stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
-        .unwrap_or_else(|| panic!("no FLUSHED line:\n{output}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let last_loop = output.last_flushed_loop(0);
     assert!(
         last_loop < 99_999,
         "the press did not end the loops early:\n{output}"

@@ -95,11 +95,7 @@ fn cycles_under_blk_verify(name: &str, guest_args: &str) {
         &format!("workload=blk-verify loops={LOOPS} {guest_args}"),
         &["--cpus", "2", "--disk", &disk_a, "--disk", &disk_b],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.device("disk0")["active"] != true {
-        assert!(Instant::now() < deadline, "the guest never set up disk0");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    vm.wait_until_active("disk0");
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

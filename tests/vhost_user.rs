@@ -221,11 +221,7 @@ fn pause_and_resume_stop_and_restart_the_backend_rings_losing_nothing() {
         "workload=blk-verify seed=80 loops=1000000 completion=irq",
         &["--disk", &disk],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.device("disk0")["active"] != true {
-        assert!(Instant::now() < deadline, "the guest never set up disk0");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    vm.wait_until_active("disk0");
     for cycle in 0..CYCLES {
         assert_eq!(vm.call("PUT", "vm.pause", None).0, 204, "cycle {cycle}");
         std::thread::sleep(Duration::from_millis(5 + (cycle * 7) % 20));
@@ -237,15 +233,7 @@ fn pause_and_resume_stop_and_restart_the_backend_rings_losing_nothing() {
     assert_verified(&output);
     let result = output.result("blk-verify");
     assert_eq!(result["shutdown"], "power-button", "{output}");
-    let last_loop: u64 = output
-        .stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("FLUSHED disk=0 loop="))
-        .unwrap_or_else(|| panic!("no FLUSHED line:\n{output}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let last_loop = output.last_flushed_loop(0);
     blk_pattern::assert_image(backend.stop(), 80 + last_loop, 0, 0);
 }
 
@@ -298,11 +286,7 @@ fn a_backend_that_dies_mid_run_fails_the_device_and_kickvm_stays_in_control() {
         "workload=blk-verify seed=90 loops=1000000 completion=irq",
         &["--disk", &disk],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.device("disk0")["active"] != true {
-        assert!(Instant::now() < deadline, "the guest never set up disk0");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    vm.wait_until_active("disk0");
     std::thread::sleep(Duration::from_millis(100));
     backend.stop();
     const NEEDS_RESET: u64 = 0x40;

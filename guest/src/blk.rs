@@ -51,11 +51,7 @@ static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_VECTOR);
 /// reported as a timeout rather than hanging the run.
 const COMPLETION_TIMEOUT_NS: u64 = 10_000_000_000;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    Poll,
-    Irq,
-}
+pub use crate::virtio::Completion;
 
 /// When a queue completed by interrupt asks for one (`irq_arm=`).
 #[derive(Clone, Copy, PartialEq, Eq)]

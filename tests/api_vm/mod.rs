@@ -122,6 +122,15 @@ impl ApiVm {
             .clone()
     }
 
+    /// Waits (up to 30 s) until the guest's driver has set `id` up.
+    pub fn wait_until_active(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.device(id)["active"] != true {
+            assert!(Instant::now() < deadline, "the guest never set up {id}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     pub fn set_ioeventfd(&self, id: &str, on: bool) -> Value {
         let body = format!(
             r#"{{"id": "{id}", "ioeventfd": "{}"}}"#,

@@ -92,6 +92,19 @@ impl RunOutput {
             .collect()
     }
 
+    /// The loop number of disk `disk`'s last `FLUSHED` line (blk-verify).
+    pub fn last_flushed_loop(&self, disk: usize) -> u64 {
+        let prefix = format!("FLUSHED disk={disk} loop=");
+        self.stdout
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no `{prefix}` line:\n{self}"))
+            .trim()
+            .parse()
+            .expect("a loop number")
+    }
+
     pub fn assert_exit_code(&self, expected: i32) {
         assert!(!self.timed_out, "kickvm did not finish in time:\n{self}");
         assert_eq!(self.code, Some(expected), "unexpected exit status:\n{self}");

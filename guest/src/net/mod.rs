@@ -37,11 +37,7 @@ const FIRST_VECTOR: u8 = 0xE0;
 const LAST_VECTOR: u8 = 0xEF;
 static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_VECTOR);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    Poll,
-    Irq,
-}
+pub use crate::virtio::Completion;
 
 #[derive(Clone, Copy)]
 pub struct Options {

@@ -26,6 +26,24 @@ pub const F_VERSION_1: u64 = 1 << 32;
 /// "No MSI-X vector" for config and queue vector registers.
 pub const NO_VECTOR: u16 = 0xFFFF;
 
+/// How a driver learns that the device used its buffers (`completion=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Spinning on the used ring.
+    Poll,
+    /// By the queue's MSI-X interrupt.
+    Irq,
+}
+
+impl Completion {
+    pub fn name(self) -> &'static str {
+        match self {
+            Completion::Poll => "poll",
+            Completion::Irq => "irq",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Modern,

@@ -402,7 +402,7 @@ pub fn run(boot: &Boot) -> bool {
         disk.kicks() - kicks_before,
         disk.interrupts_waited() - irqs_before,
         if opts.either_transport { "auto" } else { opts.kind.name() },
-        if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
+        opts.completion.name(),
         disk.interrupts_taken() - interrupts_before,
     );
     ok

@@ -551,7 +551,7 @@ pub fn run(boot: &Boot) -> bool {
         waits,
         tsc::ticks_to_ns(MAX_LATENCY_TICKS.load(Ordering::Relaxed)) / 1000,
         if opts.either_transport { "auto" } else { opts.kind.name() },
-        if opts.completion == blk::Completion::Irq { "irq" } else { "poll" },
+        opts.completion.name(),
         interrupts,
         if power_button::pressed() { " shutdown=power-button" } else { "" },
     );

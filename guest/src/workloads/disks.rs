@@ -39,6 +39,16 @@ pub fn on_off(cmdline: &Cmdline, key: &'static str, default: bool) -> Result<boo
     )
 }
 
+/// `completion=poll|irq`, for every driver.
+pub fn completion(cmdline: &Cmdline) -> Result<Completion, Failure> {
+    choice(
+        cmdline,
+        "completion",
+        "poll",
+        &[("poll", Completion::Poll), ("irq", Completion::Irq)],
+    )
+}
+
 /// The value `key=` names among `choices` (`default` when absent).
 pub fn choice<T: Copy>(
     cmdline: &Cmdline,
@@ -67,12 +77,7 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
             ("auto", (Kind::Modern, true)),
         ],
     )?;
-    let completion = choice(
-        cmdline,
-        "completion",
-        "poll",
-        &[("poll", Completion::Poll), ("irq", Completion::Irq)],
-    )?;
+    let completion = completion(cmdline)?;
     let irq_arm = choice(
         cmdline,
         "irq_arm",

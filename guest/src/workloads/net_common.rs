@@ -2,13 +2,13 @@
 //! line, opening the first virtio-net device, and the per-CPU loop's plumbing.
 
 use crate::net::stack::{self, Addr, Host, Kind as FrameKind};
-use crate::net::{self, Completion, NetDevice, Options, Pair, BUF_SIZE};
+use crate::net::{self, NetDevice, Options, Pair, BUF_SIZE};
 use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp, tsc, x86};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::disks::{choice, on_off};
+use super::disks::{choice, completion, on_off};
 pub use super::disks::{report_failure, Failure};
 
 pub struct Setup {
@@ -33,12 +33,7 @@ pub fn setup(cmdline: &Cmdline) -> Result<Setup, Failure> {
         "modern",
         &[("modern", Kind::Modern), ("legacy", Kind::Legacy)],
     )?;
-    let completion = choice(
-        cmdline,
-        "completion",
-        "poll",
-        &[("poll", Completion::Poll), ("irq", Completion::Irq)],
-    )?;
+    let completion = completion(cmdline)?;
     Ok(Setup {
         addr,
         secs,
@@ -80,7 +75,7 @@ pub fn open(s: &Setup) -> Result<&'static NetDevice, Failure> {
         dev.pair_count,
         dev.features,
         (dev.features & crate::virtio::F_EVENT_IDX != 0) as u8,
-        if s.opts.completion == Completion::Irq { "irq" } else { "poll" },
+        s.opts.completion.name(),
     );
     // SAFETY: only the BSP opens the device, once per run, before other CPUs use it.
     unsafe {
