@@ -579,7 +579,8 @@ impl VirtioPciDevice {
     /// Hands a backend that signals interrupts itself the irqfd of each queue's vector while
     /// that vector can fire (KVM injects with no kickvm thread in between), and the eventfd
     /// kickvm relays otherwise (masked, MSI-X off: pending bits and INTx stay kickvm's).
-    /// Called wherever that can change: activation, MSI-X control and table writes.
+    /// Called wherever that can change: activation, queue vector, MSI-X control and table
+    /// writes.
     fn route_direct_interrupts(&self) {
         let Some(handler) = self
             .handler
@@ -628,6 +629,7 @@ impl VirtioPciDevice {
             Effect::None => {}
             Effect::Status(status) => self.set_status(status),
             Effect::Notify(queue) => self.exit_kick(usize::from(queue)),
+            Effect::QueueVector => self.route_direct_interrupts(),
         }
     }
 

@@ -34,6 +34,8 @@ pub enum Effect {
     None,
     Status(u8),
     Notify(u16),
+    /// A queue's MSI-X vector changed.
+    QueueVector,
 }
 
 #[derive(Debug, Clone)]
@@ -194,7 +196,10 @@ pub mod common {
             (0x14, 1) => return Effect::Status(value as u8),
             (0x16, 2) => regs.queue_select = value as u16,
             (0x18, 2) if queue_editable => regs.selected().unwrap().size = value as u16,
-            (0x1a, 2) => interrupt.set_queue_vector(queue_index, value as u16),
+            (0x1a, 2) => {
+                interrupt.set_queue_vector(queue_index, value as u16);
+                return Effect::QueueVector;
+            }
             (0x1c, 2) => {
                 if let Some(q) = regs.selected() {
                     // Writing 0 is not allowed to the driver; only a reset disables a queue.
@@ -301,7 +306,8 @@ pub mod legacy {
             (0x12, 1) => return Effect::Status(value as u8),
             (0x14, 2) if msix_enabled => interrupt.set_config_vector(value as u16),
             (0x16, 2) if msix_enabled => {
-                interrupt.set_queue_vector(usize::from(regs.queue_select), value as u16)
+                interrupt.set_queue_vector(usize::from(regs.queue_select), value as u16);
+                return Effect::QueueVector;
             }
             (offset, len) => log::debug!("virtio legacy: {len}-byte write at {offset:#x} ignored"),
         }

@@ -400,6 +400,19 @@ fn a_backend_gets_a_queues_irqfd_only_while_its_vector_can_fire() {
     assert_eq!(r.last_route(), Some(vec![Some(0), None]), "unmasked");
     r.msix_control(ENABLE | FUNCTION_MASK);
     assert_eq!(r.last_route(), Some(vec![None, None]), "function masked");
+    r.msix_control(ENABLE);
+    assert_eq!(
+        r.last_route(),
+        Some(vec![Some(0), None]),
+        "function unmasked"
+    );
+    r.common_write(0x16, 1, 2);
+    r.common_write(0x1a, 0, 2); // queue 1 -> vector 0 after DRIVER_OK
+    assert_eq!(
+        r.last_route(),
+        Some(vec![Some(0), Some(0)]),
+        "vector reassigned"
+    );
     r.msix_control(0);
     assert_eq!(r.last_route(), Some(vec![None, None]), "MSI-X off: INTx");
 }
