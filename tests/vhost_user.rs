@@ -73,6 +73,20 @@ impl Backend {
         format!("socket={},{options}", self.socket.display())
     }
 
+    /// A VM with the control API running blk-verify on this backend's disk until the power
+    /// button ends it, once the guest's driver has the disk up.
+    fn endless_blk_verify(&self, name: &str, seed: u64) -> api_vm::ApiVm {
+        let disk = self.disk_arg("ioeventfd=on");
+        let vm = api_vm::ApiVm::start(
+            name,
+            common::test_guest(),
+            &format!("workload=blk-verify seed={seed} loops=1000000 completion=irq"),
+            &["--disk", &disk],
+        );
+        vm.wait_until_active("disk0");
+        vm
+    }
+
     /// Stops the daemon (so everything it wrote is in the file) and returns the image path.
     fn stop(&mut self) -> &Path {
         let _ = self.child.kill();
@@ -213,15 +227,7 @@ fn two_vcpus_drive_two_backend_queues() {
 fn pause_and_resume_stop_and_restart_the_backend_rings_losing_nothing() {
     const CYCLES: u64 = 40;
     let mut backend = Backend::start("pause", 1);
-    let disk = backend.disk_arg("ioeventfd=on");
-    // More loops than any machine finishes during the cycles; the power button ends them.
-    let mut vm = api_vm::ApiVm::start(
-        "vhost-user-pause-vm",
-        common::test_guest(),
-        "workload=blk-verify seed=80 loops=1000000 completion=irq",
-        &["--disk", &disk],
-    );
-    vm.wait_until_active("disk0");
+    let mut vm = backend.endless_blk_verify("vhost-user-pause-vm", 80);
     for cycle in 0..CYCLES {
         assert_eq!(vm.call("PUT", "vm.pause", None).0, 204, "cycle {cycle}");
         std::thread::sleep(Duration::from_millis(5 + (cycle * 7) % 20));
@@ -279,14 +285,7 @@ fn a_missing_vhost_user_socket_is_a_one_line_usage_error() {
 #[test]
 fn a_backend_that_dies_mid_run_fails_the_device_and_kickvm_stays_in_control() {
     let mut backend = Backend::start("dies", 1);
-    let disk = backend.disk_arg("ioeventfd=on");
-    let mut vm = api_vm::ApiVm::start(
-        "vhost-user-dies-vm",
-        common::test_guest(),
-        "workload=blk-verify seed=90 loops=1000000 completion=irq",
-        &["--disk", &disk],
-    );
-    vm.wait_until_active("disk0");
+    let mut vm = backend.endless_blk_verify("vhost-user-dies-vm", 90);
     std::thread::sleep(Duration::from_millis(100));
     backend.stop();
     const NEEDS_RESET: u64 = 0x40;

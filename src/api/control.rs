@@ -318,7 +318,7 @@ pub fn counters(vm: &VmView) -> Value {
                         "bytes": c.bytes,
                         "interrupts_sent": c.interrupts_sent,
                         "interrupts_suppressed": c.interrupts_suppressed,
-                        "interrupts": if report.interrupts_direct { "direct" } else { "relayed" },
+                        "interrupts": report.interrupt_path(),
                     })
                 })
                 .collect();

@@ -129,7 +129,7 @@ impl IoThread {
         *self.shared.handler.lock().unwrap() = None;
     }
 
-    /// Runs `callback` on this thread whenever `fd` is readable; `id` names it for removal.
+    /// Runs `callback` on this thread whenever `fd` is readable; `id` tells callbacks apart.
     pub fn add_callback(&self, id: u32, fd: RawFd, callback: Callback) -> std::io::Result<()> {
         self.add_callback_on(id, fd, EventSet::IN, callback)
     }

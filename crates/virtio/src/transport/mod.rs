@@ -121,6 +121,10 @@ pub struct TransportOptions {
     pub io_priority_boost: bool,
 }
 
+/// The I/O thread callbacks a transport registers, by id.
+const CALLBACK_INTX_RESAMPLE: u32 = 0;
+const CALLBACK_BACKEND_HANGUP: u32 = 1;
+
 /// The notify mode of one queue and its counters, for `info` and `counters` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueReport {
@@ -128,6 +132,18 @@ pub struct QueueReport {
     pub counters: QueueCountersSnapshot,
     /// The backend signals the queue's MSI-X irqfd itself (its interrupts are not counted).
     pub interrupts_direct: bool,
+}
+
+impl QueueReport {
+    /// How the queue's interrupts leave: `direct` (the backend signals the irqfd) or
+    /// `relayed` (through kickvm).
+    pub fn interrupt_path(&self) -> &'static str {
+        if self.interrupts_direct {
+            "direct"
+        } else {
+            "relayed"
+        }
+    }
 }
 
 pub struct VirtioPciDevice {
@@ -263,7 +279,7 @@ impl VirtioPciDevice {
         if let Some(intx) = interrupt.intx() {
             let for_callback = interrupt.clone();
             io_thread.add_callback(
-                0,
+                CALLBACK_INTX_RESAMPLE,
                 std::os::fd::AsRawFd::as_raw_fd(intx.resample_fd()),
                 Arc::new(move || for_callback.resample()),
             )?;
@@ -286,7 +302,7 @@ impl VirtioPciDevice {
             let for_callback = interrupt.clone();
             let name = id.to_string();
             io_thread.add_hangup_callback(
-                1,
+                CALLBACK_BACKEND_HANGUP,
                 socket,
                 Arc::new(move || {
                     log::error!("{name}: the backend hung up; the device needs a reset");
@@ -843,11 +859,7 @@ impl Drop for VirtioPciDevice {
                 c.bytes,
                 c.interrupts_sent,
                 c.interrupts_suppressed,
-                if report.interrupts_direct {
-                    "direct"
-                } else {
-                    "relayed"
-                }
+                report.interrupt_path()
             );
         }
     }
