@@ -30,6 +30,7 @@ mod error;
 mod image;
 mod inline_vec;
 mod io;
+mod mapping;
 mod request;
 #[cfg(test)]
 mod tests;

@@ -152,7 +152,13 @@ fn run_one(engine: &mut dyn BlockEngine, request: Request) -> Result<u32, BlockE
 
 fn engine(image: &Arc<DiskImage>, kind: EngineKind, depth: u32) -> Box<dyn BlockEngine> {
     let engine = open_engine(image, kind, depth).unwrap();
-    assert_eq!(engine.kind(), kind);
+    let unmappable = image.direct_io_alignment().is_some() || image.size_bytes() == 0;
+    match kind {
+        EngineKind::Auto => {}
+        // An image that cannot be mapped is read by the engine behind the mapping.
+        EngineKind::Mmap if unmappable => assert_eq!(engine.kind(), EngineKind::Sync),
+        _ => assert_eq!(engine.kind(), kind),
+    }
     engine
 }
 
@@ -503,6 +509,7 @@ engine_tests! {
     io_uring => EngineKind::IoUring,
     thread_pool => EngineKind::ThreadPool,
     mmap => EngineKind::Mmap,
+    auto => EngineKind::Auto,
 }
 
 #[test]
@@ -565,6 +572,45 @@ fn auto_picks_io_uring_when_the_host_allows_it() {
         Err(_) => EngineKind::ThreadPool,
     };
     assert_eq!(e.kind(), expected);
+}
+
+#[test]
+fn auto_copies_cached_reads_that_stay_coherent_with_the_file_and_survive_its_truncation() {
+    let tmp = TempImage::new(1 << 20);
+    tmp.fill(0, &pattern(3, 16384));
+    let image = tmp.open(DiskOptions::default());
+    let mut e = engine(&image, EngineKind::Auto, 8);
+    let mut buf = AlignedBuf::new(16384);
+    // First touch goes through io_uring; the second read of the same pages is a copy.
+    for _ in 0..2 {
+        buf.as_mut_slice().fill(0xAA);
+        assert_eq!(
+            run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 1)).unwrap(),
+            16384
+        );
+        assert_eq!(buf.as_mut_slice(), &pattern(3, 16384)[..]);
+    }
+    // Someone else rewrites the file: the copy sees it (same page cache).
+    tmp.fill(0, &pattern(4, 16384));
+    assert_eq!(
+        run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 2)).unwrap(),
+        16384
+    );
+    assert_eq!(buf.as_mut_slice(), &pattern(4, 16384)[..]);
+    // And truncates it: the copy faults (SIGBUS, caught), the inner engine zero-fills.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(tmp.path())
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    buf.as_mut_slice().fill(0xAA);
+    assert_eq!(
+        run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 3)).unwrap(),
+        16384
+    );
+    assert_eq!(&buf.as_mut_slice()[..4096], &pattern(4, 4096)[..]);
+    assert!(buf.as_mut_slice()[4096..].iter().all(|&b| b == 0));
 }
 
 fn dropping_with_requests_in_flight_returns(kind: EngineKind) {
