@@ -15,11 +15,14 @@
 //!
 //! Engines ([`EngineKind`]): `IoUring` (readv/writev/fsync/fallocate on a ring whose completions
 //! signal the eventfd; writes to a page-cached image run inline in `submit`, since io_uring
-//! would hand each to a worker thread on file systems without async buffered writes), `ThreadPool` (worker threads doing preadv/pwritev), `Sync` (the request
-//! runs inside `submit`; the simplest correct baseline), `Mmap` (reads copied out of a shared
-//! mapping of the image, the rest as `Sync`: the fastest for an image in the page cache, but a
-//! read of an uncached page stalls the queue in a page fault). `Auto` takes io_uring when the
-//! host allows it, else the thread pool.
+//! would hand each to a worker thread on file systems without async buffered writes),
+//! `ThreadPool` (worker threads doing preadv/pwritev), `Sync` (the request runs inside
+//! `submit`; the simplest correct baseline), `Mmap` (every read copied out of a shared mapping
+//! of the image, the rest as `Sync`: for images known to be cached, since a read of an
+//! uncached page stalls the queue in a page fault). `Auto` takes io_uring when the host allows
+//! it, else the thread pool, with reads of pages known to be in the page cache copied out of
+//! a mapping in front of it (see `engine/mapped.rs`): no system call for a cached read, and
+//! first touches still in flight on the ring.
 //!
 //! Durability: a Flush completes only after `fdatasync` returned, so every write completed
 //! before the Flush was submitted is on stable storage when the Flush completes. Engines do
@@ -90,7 +93,8 @@ pub enum EngineKind {
     IoUring,
     ThreadPool,
     Sync,
-    /// Reads copied out of a shared mapping of the image; for page-cached images only.
+    /// Every read copied out of a shared mapping of the image, the rest run inline; for
+    /// page-cached images only.
     Mmap,
 }
 
@@ -139,8 +143,8 @@ pub fn io_uring_support() -> Result<(), &'static str> {
 }
 
 /// Builds an engine for `image` that keeps up to `depth` requests in flight (the device passes
-/// its queue size). `Auto` picks io_uring when the host allows it, else the thread pool, and
-/// logs the choice at info level.
+/// its queue size). `Auto` picks io_uring when the host allows it, else the thread pool, copies
+/// reads of cached pages from a mapping in front of either, and logs the choice at info level.
 pub fn open_engine(
     image: &Arc<DiskImage>,
     kind: EngineKind,
