@@ -82,6 +82,12 @@ impl GuardedMapping {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        // A page fault on the mapping must read the page it needs and nothing else: the kernel's
+        // read-around for faults (128 KiB of neighbours, which a guest's random reads never
+        // use) allocated page cache on every fault, and under memory pressure reclaimed it in
+        // the copying thread. The guest's own readahead drives sequential reads.
+        // SAFETY: advice on the mapping just made; it does not change its contents.
+        unsafe { libc::madvise(ptr, len, libc::MADV_RANDOM) };
         let _guard = SLOT_ALLOCATION.lock().unwrap();
         let Some(slot) = SLOTS_IN_USE
             .iter()

@@ -23,6 +23,7 @@
 
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::mapping::GuardedMapping;
 use crate::{BlockEngine, BlockError, Completion, DiskImage, EngineKind, Request, RequestKind};
@@ -102,10 +103,122 @@ impl SeenPages {
         })
     }
 
+    /// Forgets everything known: every chunk will be asked about again.
+    fn forget(&mut self) {
+        self.seen = vec![0; self.seen.len()];
+        self.asked = vec![0; self.asked.len()];
+    }
+
     fn mark(&mut self, offset: u64, len: u64, map: &GuardedMapping) {
         for page in Self::pages(offset, len) {
             self.ask_once(page, map);
             set_bit(&mut self.seen, page);
+        }
+    }
+}
+
+/// Notices the page cache losing pages the bitmap says it holds (an image larger than the
+/// memory the host gives its cache): copies that took a page fault's time, not a copy's. Then
+/// the mapping only hurts (each fault reads one page with the whole queue waiting, where
+/// io_uring keeps the queue's reads in flight: 25k against 56k IOPS at depth 32 with the cache
+/// held to a third of the image), so reads go to the inner engine for a while, the bitmap is
+/// forgotten, and the page cache is asked again afterwards. Repeated trips back off, up to a
+/// minute at a time.
+struct EvictionWatch {
+    /// The thread's major page faults when last looked at (after a slow copy).
+    major_faults: u64,
+    window_start: Instant,
+    slow_in_window: u32,
+    off_until: Option<Instant>,
+    backoff: Duration,
+    last_trip: Option<Instant>,
+}
+
+/// A copy slower than this plus a nanosecond per byte (1 GB/s, well under a cold memcpy) may
+/// have waited for the disk; it did if the thread's major-fault count moved (asked only then:
+/// a system call). Other slow copies are preemption, or the first write to a huge page of
+/// guest memory (zeroing 2 MiB: 30-90 us here).
+const SLOW_COPY: Duration = Duration::from_micros(20);
+/// Slow copies within [`SLOW_WINDOW`] that turn copying off.
+const SLOW_COPIES_TO_TRIP: u32 = 8;
+const SLOW_WINDOW: Duration = Duration::from_millis(100);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const LONGEST_BACKOFF: Duration = Duration::from_secs(64);
+
+impl EvictionWatch {
+    fn new(now: Instant) -> Self {
+        EvictionWatch {
+            major_faults: 0,
+            window_start: now,
+            slow_in_window: 0,
+            off_until: None,
+            backoff: FIRST_BACKOFF,
+            last_trip: None,
+        }
+    }
+
+    /// Whether reads may be copied now; `now` is only asked while copying is off.
+    fn copies_allowed(&mut self, now: impl FnOnce() -> Instant) -> bool {
+        match self.off_until {
+            Some(until) if now() < until => false,
+            Some(_) => {
+                self.off_until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Records a copy of `len` bytes that took `elapsed`, ending at `now`; `major_faults` reads
+    /// the thread's count. Returns the pause if this turns copying off.
+    fn record(
+        &mut self,
+        now: Instant,
+        elapsed: Duration,
+        len: u64,
+        major_faults: impl FnOnce() -> u64,
+    ) -> Option<Duration> {
+        if elapsed <= SLOW_COPY + Duration::from_nanos(len) {
+            return None;
+        }
+        let faults = major_faults();
+        let waited_for_disk = faults > self.major_faults;
+        self.major_faults = faults;
+        if !waited_for_disk {
+            return None;
+        }
+        if now.duration_since(self.window_start) > SLOW_WINDOW {
+            self.window_start = now;
+            self.slow_in_window = 0;
+        }
+        self.slow_in_window += 1;
+        if self.slow_in_window < SLOW_COPIES_TO_TRIP {
+            return None;
+        }
+        let tripped_recently = self
+            .last_trip
+            .is_some_and(|t| now.duration_since(t) < self.backoff * 4);
+        self.backoff = if tripped_recently {
+            (self.backoff * 2).min(LONGEST_BACKOFF)
+        } else {
+            FIRST_BACKOFF
+        };
+        self.off_until = Some(now + self.backoff);
+        self.last_trip = Some(now);
+        self.slow_in_window = 0;
+        Some(self.backoff)
+    }
+}
+
+/// The calling thread's major page faults so far (0 if unknown).
+fn thread_major_faults() -> u64 {
+    // SAFETY: getrusage writes one rusage, which a zeroed value is valid for.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_THREAD, &mut usage) == 0 {
+            usage.ru_majflt as u64
+        } else {
+            0
         }
     }
 }
@@ -116,6 +229,8 @@ pub(crate) struct MappedReads {
     map: GuardedMapping,
     /// `None`: every page is copied (`engine=mmap`).
     seen: Option<SeenPages>,
+    /// Watches the copies of pages `seen` says are cached.
+    evictions: EvictionWatch,
     kind: EngineKind,
     /// A copy faulted: the image is not what it was (truncated, failing), and no more reads
     /// are copied from it.
@@ -157,6 +272,7 @@ impl MappedReads {
             image: image.clone(),
             map,
             seen: first_touch_through_inner.then(|| SeenPages::new(size)),
+            evictions: EvictionWatch::new(Instant::now()),
             kind,
             given_up: false,
             ready: Vec::new(),
@@ -166,7 +282,11 @@ impl MappedReads {
     /// Copies a read whose pages are known cached; `Err` gives the request back when it must
     /// go to the inner engine (not all of it seen, or the copy faulted).
     fn try_copy(&mut self, request: Request) -> Result<Result<(), Request>, BlockError> {
-        if request.kind != RequestKind::Read || self.given_up {
+        let tracked = self.seen.is_some();
+        if request.kind != RequestKind::Read
+            || self.given_up
+            || (tracked && !self.evictions.copies_allowed(Instant::now))
+        {
             return Ok(Err(request));
         }
         let len = request.validate(&self.image)?;
@@ -184,6 +304,7 @@ impl MappedReads {
                 depth: self.depth(),
             });
         }
+        let started = tracked.then(Instant::now);
         let mut offset = request.offset as usize;
         for buffer in request.buffers.iter() {
             // SAFETY: `offset..offset + len` lies inside the mapping (checked above against
@@ -202,6 +323,23 @@ impl MappedReads {
                 return Ok(Err(request));
             }
             offset += buffer.len();
+        }
+        if let Some(started) = started {
+            let now = Instant::now();
+            if let Some(off) = self
+                .evictions
+                .record(now, now - started, len, thread_major_faults)
+            {
+                log::info!(
+                    "{}: the page cache is losing the image's pages (copies waiting on the \
+                     disk); reads go through the {} engine for {off:?}",
+                    self.image.path().display(),
+                    self.inner.kind()
+                );
+                if let Some(seen) = &mut self.seen {
+                    seen.forget();
+                }
+            }
         }
         self.ready.push(Completion {
             user_data: request.user_data,
@@ -229,7 +367,7 @@ impl BlockEngine for MappedReads {
         let touches_data = matches!(request.kind, RequestKind::Read | RequestKind::Write);
         let (offset, len) = (request.offset, request.byte_len());
         self.inner.submit(request)?;
-        if touches_data {
+        if touches_data && self.evictions.off_until.is_none() {
             if let Some(seen) = &mut self.seen {
                 seen.mark(offset, len, &self.map);
             }
@@ -264,6 +402,68 @@ mod tests {
     use super::*;
 
     use std::io::Write;
+
+    #[test]
+    fn eviction_watch_turns_copies_off_after_a_burst_of_disk_waits_and_backs_off_when_it_recurs() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut watch = EvictionWatch::new(t0);
+        let fault = Duration::from_millis(2);
+        let mut faults = 0u64;
+        let mut disk = move || {
+            faults += 1;
+            faults
+        };
+        // Fast copies, slow ones without a major fault (preemption, huge-page zeroing), and
+        // disk waits spread thin never trip it.
+        for i in 0..100 {
+            assert_eq!(
+                watch.record(ms(i), Duration::from_micros(3), 4096, &mut disk),
+                None
+            );
+        }
+        for i in 0..20 {
+            assert_eq!(watch.record(ms(200 + i), fault, 4096, || 0), None);
+        }
+        for i in 0..20 {
+            assert_eq!(
+                watch.record(ms(1000 + i * 200), fault, 4096, &mut disk),
+                None
+            );
+        }
+        // A 128 KiB copy may take longer than a 4 KiB one before it counts as slow.
+        assert_eq!(
+            watch.record(ms(6000), Duration::from_micros(100), 131072, || u64::MAX),
+            None
+        );
+        // Eight disk waits within 100 ms trip it for a second.
+        let mut disk = {
+            let mut faults = 1_000u64;
+            move || {
+                faults += 1;
+                faults
+            }
+        };
+        for i in 0..7 {
+            assert_eq!(watch.record(ms(10_000 + i), fault, 4096, &mut disk), None);
+        }
+        assert_eq!(
+            watch.record(ms(10_007), fault, 4096, &mut disk),
+            Some(FIRST_BACKOFF)
+        );
+        assert!(!watch.copies_allowed(|| ms(10_500)));
+        assert!(watch.copies_allowed(|| ms(11_008)));
+        // Tripping again soon after doubles the pause; much later starts over.
+        for i in 0..8 {
+            watch.record(ms(11_100 + i), fault, 4096, &mut disk);
+        }
+        assert!(!watch.copies_allowed(|| ms(12_500)));
+        assert!(watch.copies_allowed(|| ms(13_200)));
+        for i in 0..8 {
+            watch.record(ms(100_000 + i), fault, 4096, &mut disk);
+        }
+        assert!(watch.copies_allowed(|| ms(101_100)), "a second, not four");
+    }
 
     #[test]
     fn seen_pages_start_as_the_page_cache_holds_them_and_remember_what_is_marked() {
