@@ -3,7 +3,7 @@
 CARGO ?= cargo
 GUEST := target/guest/kickvm-guest
 
-.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-net bench-vhost-user lint clean
+.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user lint clean
 
 all: build guest
 
@@ -25,13 +25,16 @@ test-linux:
 	./scripts/fetch-linux.sh
 	$(CARGO) test --release --test linux_smoke -- --ignored --nocapture
 
-bench: bench-boot bench-blk bench-net bench-vhost-user
+bench: bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user
 
 bench-boot: build guest
 	./bench/boot.py
 
 bench-blk: build guest
 	./bench/blk.py
+
+bench-blk-pressure: build guest
+	./bench/blk_pressure.py
 
 bench-net: build guest
 	./bench/net.py
