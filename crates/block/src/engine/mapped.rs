@@ -409,16 +409,17 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let mut watch = EvictionWatch::new(t0);
         let fault = Duration::from_millis(2);
-        let mut faults = 0u64;
-        let mut disk = move || {
-            faults += 1;
-            faults
+        // Each call is a new major fault: the copy waited for the disk.
+        let faults = std::cell::Cell::new(0u64);
+        let disk = || {
+            faults.set(faults.get() + 1);
+            faults.get()
         };
         // Fast copies, slow ones without a major fault (preemption, huge-page zeroing), and
         // disk waits spread thin never trip it.
         for i in 0..100 {
             assert_eq!(
-                watch.record(ms(i), Duration::from_micros(3), 4096, &mut disk),
+                watch.record(ms(i), Duration::from_micros(3), 4096, disk),
                 None
             );
         }
@@ -426,10 +427,7 @@ mod tests {
             assert_eq!(watch.record(ms(200 + i), fault, 4096, || 0), None);
         }
         for i in 0..20 {
-            assert_eq!(
-                watch.record(ms(1000 + i * 200), fault, 4096, &mut disk),
-                None
-            );
+            assert_eq!(watch.record(ms(1000 + i * 200), fault, 4096, disk), None);
         }
         // A 128 KiB copy may take longer than a 4 KiB one before it counts as slow.
         assert_eq!(
@@ -437,37 +435,30 @@ mod tests {
             None
         );
         // Eight disk waits within 100 ms trip it for a second.
-        let mut disk = {
-            let mut faults = 1_000u64;
-            move || {
-                faults += 1;
-                faults
-            }
-        };
         for i in 0..7 {
-            assert_eq!(watch.record(ms(10_000 + i), fault, 4096, &mut disk), None);
+            assert_eq!(watch.record(ms(10_000 + i), fault, 4096, disk), None);
         }
         assert_eq!(
-            watch.record(ms(10_007), fault, 4096, &mut disk),
+            watch.record(ms(10_007), fault, 4096, disk),
             Some(FIRST_BACKOFF)
         );
         assert!(!watch.copies_allowed(|| ms(10_500)));
         assert!(watch.copies_allowed(|| ms(11_008)));
         // Tripping again soon after doubles the pause; much later starts over.
         for i in 0..8 {
-            watch.record(ms(11_100 + i), fault, 4096, &mut disk);
+            watch.record(ms(11_100 + i), fault, 4096, disk);
         }
         assert!(!watch.copies_allowed(|| ms(12_500)));
         assert!(watch.copies_allowed(|| ms(13_200)));
         for i in 0..8 {
-            watch.record(ms(100_000 + i), fault, 4096, &mut disk);
+            watch.record(ms(100_000 + i), fault, 4096, disk);
         }
         assert!(watch.copies_allowed(|| ms(101_100)), "a second, not four");
     }
 
     #[test]
     fn seen_pages_start_as_the_page_cache_holds_them_and_remember_what_is_marked() {
-        let size = 2 * CHUNK_PAGES << PAGE_SHIFT;
+        let size = (2 * CHUNK_PAGES) << PAGE_SHIFT;
         let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
         file.set_len(size).unwrap();
         // Written pages are in the page cache; the rest of the sparse file is not.
