@@ -109,9 +109,10 @@ impl SeenPages {
         self.asked = vec![0; self.asked.len()];
     }
 
-    fn mark(&mut self, offset: u64, len: u64, map: &GuardedMapping) {
+    /// Marks pages a request through the inner engine put in the page cache (a chunk asked
+    /// later only adds to them).
+    fn mark(&mut self, offset: u64, len: u64) {
         for page in Self::pages(offset, len) {
-            self.ask_once(page, map);
             set_bit(&mut self.seen, page);
         }
     }
@@ -369,7 +370,7 @@ impl BlockEngine for MappedReads {
         self.inner.submit(request)?;
         if touches_data && self.evictions.off_until.is_none() {
             if let Some(seen) = &mut self.seen {
-                seen.mark(offset, len, &self.map);
+                seen.mark(offset, len);
             }
         }
         Ok(())
@@ -470,7 +471,7 @@ mod tests {
             "cached when its chunk was first looked at"
         );
         assert!(!seen.all(0, 8193, &map));
-        seen.mark(16384, 8192, &map);
+        seen.mark(16384, 8192);
         assert!(seen.all(16384, 8192, &map));
         assert!(seen.all(17000, 100, &map));
         assert!(
@@ -479,11 +480,11 @@ mod tests {
         );
         // A range crossing into the second chunk.
         let boundary = CHUNK_PAGES << PAGE_SHIFT;
-        seen.mark(boundary - 4096, 8192, &map);
+        seen.mark(boundary - 4096, 8192);
         assert!(seen.all(boundary - 4096, 8192, &map));
         assert!(!seen.all(boundary, 8192, &map));
         // Past the end: never seen, and marking is ignored rather than a panic.
-        seen.mark(size, 4096, &map);
+        seen.mark(size, 4096);
         assert!(!seen.all(size, 4096, &map));
     }
 }
