@@ -71,6 +71,57 @@ fn run_guest(cmdline: &str, extra: &[String]) -> RunOutput {
     common::run_test_guest_with_queue_log(cmdline, extra, RUN_TIMEOUT)
 }
 
+/// kickvm's stdout read as it comes, for tests that act on a line while the guest runs.
+struct LiveStdout {
+    lines: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+    /// Every line read so far.
+    seen: String,
+}
+
+impl LiveStdout {
+    fn new(child: &mut std::process::Child) -> Self {
+        let stdout = child.stdout.take().expect("kickvm's stdout is piped");
+        let (lines_tx, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LiveStdout {
+            lines,
+            reader,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads lines until one satisfies `wanted` (true) or the output ends or RUN_TIMEOUT
+    /// passes (false).
+    fn wait_for(&mut self, wanted: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if wanted(&line) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The lines after those read so far, once the process has ended.
+    fn rest(self) -> String {
+        let _ = self.reader.join();
+        self.lines.try_iter().map(|l| l + "\n").collect()
+    }
+}
+
 /// Asserts a clean blk-verify run over `disks` disks and returns its RESULT fields.
 fn assert_verified(output: &RunOutput, disks: usize) -> HashMap<String, String> {
     output.assert_exit_code(0);
@@ -517,36 +568,13 @@ fn kill_after_first_flush(image: &Path, seed: u64, disk_options: &str) -> String
         .stderr(Stdio::null())
         .spawn()
         .expect("cannot start kickvm");
-    let (lines_tx, lines) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let mut seen = String::new();
-    let flushed = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                seen.push_str(&line);
-                seen.push('\n');
-                if line == "FLUSHED disk=0 loop=0" {
-                    break true;
-                }
-            }
-            Err(_) => break false,
-        }
-    };
+    let mut live = LiveStdout::new(&mut child);
+    let flushed = live.wait_for(|line| line == "FLUSHED disk=0 loop=0");
     // SAFETY: sending a signal to our own child process, which has not been reaped yet.
     let killed = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let status = child.wait().expect("waiting for kickvm");
-    drop(lines);
-    let _ = reader.join();
+    let seen = live.seen.clone();
+    live.rest();
     assert!(flushed, "no FLUSHED line (kickvm ended: {status}):\n{seen}");
     assert_eq!(killed, 0, "kickvm was still alive at the FLUSHED line");
     assert!(
@@ -702,28 +730,11 @@ fn truncating_the_image_under_a_reading_guest_does_not_take_kickvm_down() {
         "--cmdline",
         "workload=blk-bench rw=randread qd=8 secs=2 completion=poll",
     ]);
-    let stdout = child.stdout.take().unwrap();
-    let (lines_tx, lines) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let mut seen = String::new();
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("DISK index=0") {
-            break;
-        }
-    }
+    let mut live = LiveStdout::new(&mut child);
     assert!(
-        seen.contains("DISK index=0"),
-        "the guest never found its disk:\n{seen}"
+        live.wait_for(|line| line.starts_with("DISK index=0")),
+        "the guest never found its disk:\n{}",
+        live.seen
     );
     std::thread::sleep(Duration::from_millis(300));
     std::fs::OpenOptions::new()
@@ -733,9 +744,8 @@ fn truncating_the_image_under_a_reading_guest_does_not_take_kickvm_down() {
         .set_len(MIB)
         .unwrap();
     let mut output = common::wait_with_timeout(child, RUN_TIMEOUT);
-    reader.join().unwrap();
-    seen.extend(lines.try_iter().map(|l| l + "\n"));
-    output.stdout = seen;
+    let seen = live.seen.clone();
+    output.stdout = seen + &live.rest();
     output.assert_exit_code(0);
     let result = output.result("blk-bench");
     assert_eq!(result["status"], "ok", "{output}");
