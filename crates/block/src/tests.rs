@@ -48,6 +48,12 @@ impl TempImage {
         data
     }
 
+    /// Someone else truncates the file (the image keeps its opening size).
+    fn truncate(&self, len: u64) {
+        let file = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
+        file.set_len(len).unwrap();
+    }
+
     fn fill(&self, offset: u64, data: &[u8]) {
         let mut file = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
         file.seek(SeekFrom::Start(offset)).unwrap();
@@ -410,12 +416,7 @@ fn read_past_a_shrunken_end_is_zero_filled(kind: EngineKind) {
     let image = tmp.open(DiskOptions::default());
     let mut e = engine(&image, kind, 8);
     // Someone truncates the file behind the VMM's back; the image keeps its opening size.
-    fs::OpenOptions::new()
-        .write(true)
-        .open(tmp.path())
-        .unwrap()
-        .set_len(6000)
-        .unwrap();
+    tmp.truncate(6000);
     let mut buf = AlignedBuf::new(8192);
     buf.as_mut_slice().fill(0xAA);
     assert_eq!(
@@ -598,12 +599,7 @@ fn auto_copies_cached_reads_that_stay_coherent_with_the_file_and_survive_its_tru
     );
     assert_eq!(buf.as_mut_slice(), &pattern(4, 16384)[..]);
     // And truncates it: the copy faults (SIGBUS, caught), the inner engine zero-fills.
-    fs::OpenOptions::new()
-        .write(true)
-        .open(tmp.path())
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    tmp.truncate(4096);
     buf.as_mut_slice().fill(0xAA);
     assert_eq!(
         run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 3)).unwrap(),
