@@ -32,10 +32,6 @@ impl TempImage {
         TempImage { path }
     }
 
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn open(&self, options: DiskOptions) -> Arc<DiskImage> {
         Arc::new(DiskImage::open(&self.path, options).unwrap())
     }
