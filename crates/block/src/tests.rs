@@ -142,6 +142,20 @@ fn reap_n(engine: &mut dyn BlockEngine, count: usize) -> Vec<Completion> {
     out
 }
 
+/// Reads the first `buf`-length bytes of the image into `buf`, poisoned with 0xAA first,
+/// asserts the engine reported all of them read, and returns what arrived.
+fn read_from_start<'a>(
+    engine: &mut dyn BlockEngine,
+    buf: &'a mut AlignedBuf,
+    user_data: u64,
+) -> &'a [u8] {
+    let len = buf.as_mut_slice().len();
+    buf.as_mut_slice().fill(0xAA);
+    let request = Request::read(0, vec![buf.host(0..len)], user_data);
+    assert_eq!(run_one(engine, request).unwrap() as usize, len);
+    buf.as_mut_slice()
+}
+
 fn run_one(engine: &mut dyn BlockEngine, request: Request) -> Result<u32, BlockError> {
     let user_data = request.user_data;
     engine.submit(request)?;
@@ -414,13 +428,9 @@ fn read_past_a_shrunken_end_is_zero_filled(kind: EngineKind) {
     // Someone truncates the file behind the VMM's back; the image keeps its opening size.
     tmp.truncate(6000);
     let mut buf = AlignedBuf::new(8192);
-    buf.as_mut_slice().fill(0xAA);
-    assert_eq!(
-        run_one(&mut *e, Request::read(0, vec![buf.host(0..8192)], 1)).unwrap(),
-        8192
-    );
-    assert_eq!(&buf.as_mut_slice()[..6000], &pattern(7, 6000)[..]);
-    assert!(buf.as_mut_slice()[6000..].iter().all(|&b| b == 0));
+    let data = read_from_start(&mut *e, &mut buf, 1);
+    assert_eq!(&data[..6000], &pattern(7, 6000)[..]);
+    assert!(data[6000..].iter().all(|&b| b == 0));
 }
 
 fn full_engine_refuses_more(kind: EngineKind) {
@@ -580,29 +590,22 @@ fn auto_copies_cached_reads_that_stay_coherent_with_the_file_and_survive_its_tru
     let mut buf = AlignedBuf::new(16384);
     // First touch goes through io_uring; the second read of the same pages is a copy.
     for _ in 0..2 {
-        buf.as_mut_slice().fill(0xAA);
         assert_eq!(
-            run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 1)).unwrap(),
-            16384
+            read_from_start(&mut *e, &mut buf, 1),
+            &pattern(3, 16384)[..]
         );
-        assert_eq!(buf.as_mut_slice(), &pattern(3, 16384)[..]);
     }
     // Someone else rewrites the file: the copy sees it (same page cache).
     tmp.fill(0, &pattern(4, 16384));
     assert_eq!(
-        run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 2)).unwrap(),
-        16384
+        read_from_start(&mut *e, &mut buf, 2),
+        &pattern(4, 16384)[..]
     );
-    assert_eq!(buf.as_mut_slice(), &pattern(4, 16384)[..]);
     // And truncates it: the copy faults (SIGBUS, caught), the inner engine zero-fills.
     tmp.truncate(4096);
-    buf.as_mut_slice().fill(0xAA);
-    assert_eq!(
-        run_one(&mut *e, Request::read(0, vec![buf.host(0..16384)], 3)).unwrap(),
-        16384
-    );
-    assert_eq!(&buf.as_mut_slice()[..4096], &pattern(4, 4096)[..]);
-    assert!(buf.as_mut_slice()[4096..].iter().all(|&b| b == 0));
+    let data = read_from_start(&mut *e, &mut buf, 3);
+    assert_eq!(&data[..4096], &pattern(4, 4096)[..]);
+    assert!(data[4096..].iter().all(|&b| b == 0));
 }
 
 fn dropping_with_requests_in_flight_returns(kind: EngineKind) {
