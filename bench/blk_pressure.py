@@ -26,7 +26,8 @@ class MemoryCgroup:
 
     def __init__(self, name: str, limit: int):
         v2 = Path("/sys/fs/cgroup")
-        if "memory" in (v2 / "cgroup.controllers").read_text() if (v2 / "cgroup.controllers").exists() else False:
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
             self.path, self.limit_file, self.tasks = v2 / name, "memory.max", "cgroup.procs"
         elif Path("/sys/fs/cgroup/memory").is_dir():
             self.path = Path("/sys/fs/cgroup/memory") / name

@@ -158,6 +158,11 @@ impl EvictionWatch {
         }
     }
 
+    /// Whether copying was turned off (and not yet found due to resume).
+    fn is_off(&self) -> bool {
+        self.off_until.is_some()
+    }
+
     /// Whether reads may be copied now; `now` is only asked while copying is off.
     fn copies_allowed(&mut self, now: impl FnOnce() -> Instant) -> bool {
         match self.off_until {
@@ -360,7 +365,7 @@ impl BlockEngine for MappedReads {
             Ok(()) => return Ok(()),
             Err(request) => request,
         };
-        if self.ready.len() + self.inner.in_flight() >= self.depth() {
+        if self.in_flight() >= self.depth() {
             return Err(BlockError::QueueFull {
                 depth: self.depth(),
             });
@@ -368,7 +373,7 @@ impl BlockEngine for MappedReads {
         let touches_data = matches!(request.kind, RequestKind::Read | RequestKind::Write);
         let (offset, len) = (request.offset, request.byte_len());
         self.inner.submit(request)?;
-        if touches_data && self.evictions.off_until.is_none() {
+        if touches_data && !self.evictions.is_off() {
             if let Some(seen) = &mut self.seen {
                 seen.mark(offset, len);
             }
