@@ -410,16 +410,29 @@ fn two_vcpus_each_drive_their_own_queue() {
 }
 
 #[test]
-fn four_disks_at_once_each_hold_their_own_pattern() {
+fn eight_disks_at_once_each_hold_their_own_pattern() {
     let _turn = take_turn();
-    let scratch = Scratch::new("four");
-    // Different sizes (one not a whole number of extents) and notify settings per disk.
-    let sizes = [8 * MIB, 12 * MIB, 16 * MIB + 3 * 512, 24 * MIB];
+    let scratch = Scratch::new("eight");
+    // Different sizes (one not a whole number of extents), transports and notify settings.
+    let sizes = [
+        8 * MIB,
+        12 * MIB,
+        16 * MIB + 3 * 512,
+        24 * MIB,
+        4 * MIB,
+        6 * MIB,
+        8 * MIB,
+        4 * MIB + 512,
+    ];
     let options = [
         "ioeventfd=on",
         "ioeventfd=off",
         "ioeventfd=on,queues=2,serial=kickvm-blk-test-2",
         "ioeventfd=off,queues=2",
+        "ioeventfd=on,transport=legacy",
+        "ioeventfd=off,transport=legacy",
+        "ioeventfd=on,transport=modern,engine=threads",
+        "ioeventfd=on,queues=2,engine=sync,serial=kickvm-blk-test-7",
     ];
     let images: Vec<PathBuf> = sizes
         .iter()
@@ -431,24 +444,28 @@ fn four_disks_at_once_each_hold_their_own_pattern() {
         args.push("--disk".into());
         args.push(disk_arg(image, options));
     }
-    let output = run_guest("workload=blk-verify seed=77 completion=irq", &args);
-    let result = assert_verified(&output, 4);
+    // transport=auto: modern where offered, else legacy (disks 4 and 5 are legacy-only).
+    let output = run_guest(
+        "workload=blk-verify seed=77 completion=irq transport=auto",
+        &args,
+    );
+    let result = assert_verified(&output, 8);
     let total_sectors: u64 = sizes.iter().map(|b| b / 512).sum();
     assert_eq!(result["blocks"], total_sectors.to_string(), "{output}");
-    assert_eq!(result["flushes"], "4");
+    assert_eq!(result["flushes"], "8");
     let ids: Vec<&str> = output
         .stdout
         .lines()
         .filter(|l| l.starts_with("ID disk="))
         .collect();
+    let expected_ids: Vec<String> = (0..8)
+        .map(|d| match d {
+            2 | 7 => format!("ID disk={d} id=kickvm-blk-test-{d}"),
+            _ => format!("ID disk={d} id=-"),
+        })
+        .collect();
     assert_eq!(
-        ids,
-        [
-            "ID disk=0 id=-",
-            "ID disk=1 id=-",
-            "ID disk=2 id=kickvm-blk-test-2",
-            "ID disk=3 id=-"
-        ],
+        ids, expected_ids,
         "GET_ID answers each disk's serial:\n{output}"
     );
     for (d, image) in images.iter().enumerate() {

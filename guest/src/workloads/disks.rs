@@ -6,7 +6,8 @@ use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp};
 
-pub const MAX_DISKS: usize = 8;
+/// As many as bus 0 has slots for (31 besides the host bridge).
+pub const MAX_DISKS: usize = 31;
 
 /// Why a workload could not start; printed as `reason=...`.
 pub struct Failure {
