@@ -2,13 +2,13 @@
 //! thread (multiqueue when offered), requests through indirect descriptor
 //! tables when offered, completion by polling or by MSI-X interrupt.
 
-use crate::boot::INTERRUPT_COUNTS;
+use crate::boot::{self, INTERRUPT_COUNTS};
 use crate::pci::{self, Function, Msix};
 
 use crate::sync::SpinLock;
 use crate::virtio::queue::{Desc, Layout, Queue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::{self, Error, Kind, Transport};
-use crate::{dma, smp, tsc, x86};
+use crate::{dma, ioapic, lapic, smp, tsc, x86};
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 pub const DEVICE_ID_TRANSITIONAL: u16 = 0x1001;
@@ -51,7 +51,7 @@ static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_VECTOR);
 /// reported as a timeout rather than hanging the run.
 const COMPLETION_TIMEOUT_NS: u64 = 10_000_000_000;
 
-pub use crate::virtio::Completion;
+pub use crate::virtio::{Completion, IrqSource};
 
 /// When a queue completed by interrupt asks for one (`irq_arm=`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,7 @@ pub struct Options {
     /// Fall back to the other transport when the device lacks `kind`.
     pub either_transport: bool,
     pub completion: Completion,
+    pub irq_source: IrqSource,
     pub irq_arm: IrqArm,
     pub irq_wait: IrqWait,
     pub event_idx: bool,
@@ -87,6 +88,16 @@ pub struct Options {
     pub queues: usize,
     /// Largest data length of one request, to size descriptor chains.
     pub max_request_bytes: u32,
+}
+
+impl Options {
+    /// The `irq=` a RESULT line reports: the interrupt used, `none` when polling.
+    pub fn irq_name(&self) -> &'static str {
+        match self.completion {
+            Completion::Poll => "none",
+            Completion::Irq => self.irq_source.name(),
+        }
+    }
 }
 
 /// Per-request memory the device reads and writes: the header, the
@@ -561,13 +572,21 @@ impl Disk {
 
     /// Interrupts taken on the disk's queue vectors so far (waited for or not).
     pub fn interrupts_taken(&self) -> u64 {
-        self.queues
-            .iter()
-            .flatten()
-            .filter_map(|q| q.vector)
-            .map(|v| INTERRUPT_COUNTS[v as usize].load(Ordering::Relaxed))
-            .sum()
+        interrupts_taken_by([self])
     }
+}
+
+/// Interrupts taken on the vectors of `disks`' queues, each vector counted
+/// once: the queues of an INTx device share one, and so do devices on one line.
+pub fn interrupts_taken_by<'a>(disks: impl IntoIterator<Item = &'a Disk>) -> u64 {
+    let mut counted = [false; 256];
+    disks
+        .into_iter()
+        .flat_map(|d| d.queues.iter().flatten())
+        .filter_map(|q| q.vector)
+        .filter(|&v| !core::mem::replace(&mut counted[v as usize], true))
+        .map(|v| INTERRUPT_COUNTS[v as usize].load(Ordering::Relaxed))
+        .sum()
 }
 
 pub fn is_blk(f: &Function) -> bool {
@@ -584,6 +603,24 @@ const CFG_NUM_QUEUES: u16 = 34;
 const CFG_MAX_DISCARD_SECTORS: u16 = 36;
 const CFG_DISCARD_ALIGNMENT: u16 = 44;
 const CFG_MAX_WRITE_ZEROES_SECTORS: u16 = 48;
+
+/// Routes the function's INTx line to its vector on this CPU (level-triggered,
+/// as kickvm wires PCI lines: GSIs 16..23, named in the Interrupt Line
+/// register as firmware would) and has the interrupt stub read the device's
+/// ISR. Every queue of the device shares that vector.
+fn route_intx(transport: &Transport) -> Result<u8, Error> {
+    let gsi = u32::from(transport.function.addr.read8(pci::INTERRUPT_LINE));
+    if !(16..16 + boot::INTX_LINES as u32).contains(&gsi) {
+        return Err(Error::NoIntxLine);
+    }
+    let vector = boot::INTX_FIRST_VECTOR + (gsi - 16) as u8;
+    if !boot::add_intx_source(vector, transport.isr_source())
+        || !ioapic::route(gsi, vector, lapic::id(), ioapic::Trigger::Level)
+    {
+        return Err(Error::NoIntxLine);
+    }
+    Ok(vector)
+}
 
 /// Initialises the disk at `f` in the spec's order: reset, ACKNOWLEDGE,
 /// DRIVER, features (FEATURES_OK), queues, DRIVER_OK.
@@ -646,7 +683,12 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
         .min(MAX_QUEUES)
         .min(transport.num_queues().max(1) as usize);
 
-    let msix = if opts.completion == Completion::Irq {
+    let intx_vector = if opts.completion == Completion::Irq && opts.irq_source == IrqSource::Intx {
+        Some(route_intx(&transport)?)
+    } else {
+        None
+    };
+    let msix = if opts.completion == Completion::Irq && intx_vector.is_none() {
         let m = Msix::find(&transport.function).ok_or(Error::MsixMissing)?;
         if (m.size as usize) < queue_count {
             return Err(Error::MsixMissing);
@@ -669,7 +711,7 @@ pub fn open(f: Function, opts: &Options) -> Result<Disk, Error> {
                 m.route(i as u16, smp::apic_id(cpu), vector);
                 Some(vector)
             }
-            None => None,
+            None => intx_vector,
         };
         match BlkQueue::new(&transport, i as u16, &queue_opts, size_max, seg_max, vector) {
             Ok(queue) => *q = Some(queue),

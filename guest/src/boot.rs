@@ -7,7 +7,7 @@
 //! All Rust code runs at CPL3.
 
 use core::arch::global_asm;
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Upper bound on the CPUs the guest brings up (GDT TSS slots, stacks).
 pub const MAX_CPUS: usize = 64;
@@ -38,6 +38,35 @@ pub fn user_stack_top(cpu: usize) -> u64 {
 /// Interrupts taken per vector (all CPUs), counted by the CPL0 stubs.
 #[no_mangle]
 pub static INTERRUPT_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+
+/// Vectors of the PCI INTx lines (GSIs 16..23, `irq=intx`): one per line.
+pub const INTX_FIRST_VECTOR: u8 = 0x38;
+pub const INTX_LINES: usize = 8;
+/// Four 8-byte entries: the stub finds a line's with a shift by 5.
+const INTX_SOURCES_PER_LINE: usize = 4;
+const _: () = assert!(INTX_SOURCES_PER_LINE * 8 == 1 << 5);
+/// Marks an [`INTX_SOURCES`] entry as an I/O port (low 16 bits) rather than an
+/// MMIO address.
+pub const INTX_SOURCE_PORT: u64 = 1 << 63;
+
+/// Per INTx vector, the ISR registers the CPL0 stub reads (which clears them)
+/// before its EOI: the devices sharing that line. 0 = unused.
+#[no_mangle]
+pub static INTX_SOURCES: [[AtomicU64; INTX_SOURCES_PER_LINE]; INTX_LINES] =
+    [const { [const { AtomicU64::new(0) }; INTX_SOURCES_PER_LINE] }; INTX_LINES];
+
+/// Has the INTx vector `vector`'s stub read `source` (an MMIO address, or a
+/// port with [`INTX_SOURCE_PORT`]). False if the vector is not an INTx one or
+/// its line has no room left.
+pub fn add_intx_source(vector: u8, source: u64) -> bool {
+    let Some(line) = INTX_SOURCES.get(vector.wrapping_sub(INTX_FIRST_VECTOR) as usize) else {
+        return false;
+    };
+    line.iter().any(|slot| {
+        slot.compare_exchange(0, source, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    })
+}
 
 /// Per-CPU values an AP's CPL0 entry needs: its kernel (RSP0) stack top and
 /// its user stack top. Index 0 (the BSP) is unused. Written by the BSP before
@@ -221,11 +250,46 @@ interrupt_stubs:
     jmp spurious_common
     .elseif vec == {halt}
     jmp halt_common
+    .elseif (vec >= {intx_first}) && (vec < {intx_first} + {intx_lines})
+    jmp intx_common
     .else
     jmp interrupt_common
     .endif
     .set vec, vec + 1
     .endr
+
+    /* A level-triggered PCI INTx line: the ISR of every device on it is read
+       before the EOI, as an OS's handler does. Reading clears it; a line whose
+       ISR is still set at the EOI is raised again by the VMM (KVM's resample),
+       so without this each completion would interrupt until CPL3 got to it.
+       Entries: 0 unused, bit 63 an I/O port, else an MMIO address. */
+intx_common:
+    pushq %rdx
+    pushq %rsi
+    pushq %rcx
+    movq %rax, %rsi
+    subq ${intx_first}, %rsi
+    shlq $5, %rsi
+    leaq INTX_SOURCES(%rsi), %rsi
+    movl ${intx_per_line}, %ecx
+1:
+    movq (%rsi), %rdx
+    testq %rdx, %rdx
+    jz 3f
+    js 2f
+    movb (%rdx), %dl
+    jmp 3f
+2:
+    pushq %rax
+    inb %dx, %al
+    popq %rax
+3:
+    addq $8, %rsi
+    decl %ecx
+    jnz 1b
+    popq %rcx
+    popq %rsi
+    popq %rdx
 
 interrupt_common:
     lock incq INTERRUPT_COUNTS(,%rax,8)
@@ -368,5 +432,8 @@ stack_pts:
     first_tss = const FIRST_TSS_SELECTOR,
     spurious = const crate::lapic::SPURIOUS_VECTOR,
     halt = const crate::lapic::HALT_VECTOR,
+    intx_first = const INTX_FIRST_VECTOR,
+    intx_lines = const INTX_LINES,
+    intx_per_line = const INTX_SOURCES_PER_LINE,
     options(att_syntax)
 );

@@ -11,6 +11,7 @@ mod acpi;
 mod blk;
 mod boot;
 mod dma;
+mod ioapic;
 mod lapic;
 mod mem;
 mod net;
@@ -93,6 +94,7 @@ extern "C" fn bsp_main() -> ! {
         Some(c) => smp::start_aps(c, AP_START_TIMEOUT_MS),
         None => 1,
     };
+    ioapic::init(info.rsdp_paddr);
     let power_button_gsi = power_button::arm(info.rsdp_paddr, lapic::id());
     let boot = Boot {
         cmdline,

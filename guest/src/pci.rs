@@ -13,6 +13,8 @@ pub const COMMAND_IO: u16 = 1 << 0;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Configuration space offset of the Interrupt Line register.
+pub const INTERRUPT_LINE: u8 = 0x3C;
 const STATUS: u8 = 0x06;
 const STATUS_CAPABILITIES: u16 = 1 << 4;
 const HEADER_TYPE: u8 = 0x0E;

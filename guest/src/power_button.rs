@@ -11,7 +11,8 @@ use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use crate::acpi::{self, u16_at, u32_at};
 use crate::boot::INTERRUPT_COUNTS;
-use crate::x86::{inb, mmio_write32};
+use crate::ioapic::{self, Trigger};
+use crate::x86::inb;
 
 /// The vector the GED interrupt is routed to (below the virtio MSI-X vectors).
 pub const VECTOR: u8 = 0x30;
@@ -24,10 +25,6 @@ const SYSTEM_IO: u8 = 0x01;
 const BYTE_PREFIX: u8 = 0x0A;
 const WORD_PREFIX: u8 = 0x0B;
 const EVENT_POWER_BUTTON: u8 = 1 << 0;
-const MADT_IO_APIC: u8 = 1;
-const IOAPIC_REGSEL: u64 = 0x00;
-const IOAPIC_WINDOW: u64 = 0x10;
-const IOAPIC_REDIRECTION_TABLE: u32 = 0x10;
 
 static PORT: AtomicU16 = AtomicU16::new(0);
 static INTERRUPTS_SEEN: AtomicU64 = AtomicU64::new(0);
@@ -62,32 +59,15 @@ fn find_ged(dsdt: &[u8]) -> Option<(u32, u16)> {
     Some((irq, port))
 }
 
-/// The IOAPIC serving `gsi`: its MMIO base and first GSI, from the MADT.
-fn ioapic_for(rsdp: u64, gsi: u32) -> Option<(u64, u32)> {
-    let madt = acpi::find_table(rsdp, b"APIC")?;
-    acpi::madt_entries(madt)
-        .filter(|(kind, e)| *kind == MADT_IO_APIC && e.len() >= 12)
-        .map(|(_, e)| (u32_at(e, 4) as u64, u32_at(e, 8)))
-        // 24 pins: the common IOAPIC, the one kickvm and QEMU emulate.
-        .find(|&(_, first)| (first..first + 24).contains(&gsi))
-}
-
-fn ioapic_write(base: u64, register: u32, value: u32) {
-    mmio_write32(base + IOAPIC_REGSEL, register);
-    mmio_write32(base + IOAPIC_WINDOW, value);
-}
-
 /// Looks for the button and, if there is one, routes its interrupt (edge,
 /// active high, as the GED's `_CRS` says) to `VECTOR` on the CPU `apic_id`.
 /// Returns the GSI.
 pub fn arm(rsdp_hint: u64, apic_id: u8) -> Option<u32> {
     let rsdp = acpi::find_rsdp(rsdp_hint)?;
     let (gsi, port) = find_ged(acpi::find_dsdt(rsdp)?)?;
-    let (ioapic, first) = ioapic_for(rsdp, gsi)?;
-    let entry = IOAPIC_REDIRECTION_TABLE + 2 * (gsi - first);
-    ioapic_write(ioapic, entry + 1, (apic_id as u32) << 24);
-    // Fixed delivery, physical destination, edge, active high, unmasked.
-    ioapic_write(ioapic, entry, VECTOR as u32);
+    if !ioapic::route(gsi, VECTOR, apic_id, Trigger::Edge) {
+        return None;
+    }
     PORT.store(port, Ordering::Relaxed);
     // A press before the pin was unmasked raised no interrupt; its event waits in the
     // register.

@@ -31,8 +31,27 @@ pub const NO_VECTOR: u16 = 0xFFFF;
 pub enum Completion {
     /// Spinning on the used ring.
     Poll,
-    /// By the queue's MSI-X interrupt.
+    /// By the queue's interrupt: MSI-X, or the function's INTx line (`irq=`).
     Irq,
+}
+
+/// Which interrupt a queue completed by interrupt uses (`irq=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IrqSource {
+    /// One MSI-X vector per queue.
+    Msix,
+    /// The function's level-triggered INTx line, through the IOAPIC, with the
+    /// ISR read in the interrupt handler: what a guest without MSI-X does.
+    Intx,
+}
+
+impl IrqSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            IrqSource::Msix => "msix",
+            IrqSource::Intx => "intx",
+        }
+    }
 }
 
 impl Completion {
@@ -66,6 +85,7 @@ enum Regs {
         notify: u64,
         notify_multiplier: u32,
         device: u64,
+        isr: u64,
     },
     Legacy {
         io: u16,
@@ -98,6 +118,7 @@ const L_QUEUE_SIZE: u16 = 12;
 const L_QUEUE_SELECT: u16 = 14;
 pub const L_QUEUE_NOTIFY: u16 = 16;
 const L_STATUS: u16 = 18;
+const L_ISR: u16 = 19;
 const L_CONFIG_VECTOR: u16 = 20;
 const L_QUEUE_VECTOR: u16 = 22;
 const L_CONFIG: u16 = 20;
@@ -106,6 +127,7 @@ const L_CONFIG_MSIX: u16 = 24;
 // Capability cfg_type values.
 const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 
 /// Where a queue's kick goes.
@@ -134,6 +156,7 @@ pub enum Error {
     OutOfMemory,
     MsixMissing,
     MsixVectorRejected,
+    NoIntxLine,
     DeviceFailed,
 }
 
@@ -148,6 +171,7 @@ impl Error {
             Error::OutOfMemory => "out-of-memory",
             Error::MsixMissing => "msix-missing",
             Error::MsixVectorRejected => "msix-vector-rejected",
+            Error::NoIntxLine => "no-intx-line",
             Error::DeviceFailed => "device-failed",
         }
     }
@@ -173,7 +197,8 @@ impl Transport {
     pub fn new(function: Function, kind: Kind) -> Result<Transport, Error> {
         let regs = match kind {
             Kind::Modern => {
-                let (mut common, mut notify, mut device, mut multiplier) = (None, None, None, 0);
+                let (mut common, mut notify, mut device, mut isr, mut multiplier) =
+                    (None, None, None, None, 0);
                 for cap in function.capabilities(CAP_VENDOR) {
                     let a = function.addr;
                     let cfg_type = a.read8(cap + 3);
@@ -192,15 +217,17 @@ impl Transport {
                         CAP_DEVICE if device.is_none() => {
                             device = bar_address(&function, bar, offset, length)
                         }
+                        CAP_ISR if isr.is_none() => isr = bar_address(&function, bar, offset, 1),
                         _ => {}
                     }
                 }
-                match (common, notify, device) {
-                    (Some(common), Some(notify), Some(device)) => Regs::Modern {
+                match (common, notify, device, isr) {
+                    (Some(common), Some(notify), Some(device), Some(isr)) => Regs::Modern {
                         common,
                         notify,
                         notify_multiplier: multiplier,
                         device,
+                        isr,
                     },
                     _ => return Err(Error::NoModernTransport),
                 }
@@ -229,6 +256,15 @@ impl Transport {
         match self.regs {
             Regs::Modern { common, .. } => common,
             Regs::Legacy { io } => io as u64,
+        }
+    }
+
+    /// The ISR status register, as the INTx interrupt stub reads it (an MMIO
+    /// address, or the port marked with `INTX_SOURCE_PORT`).
+    pub fn isr_source(&self) -> u64 {
+        match self.regs {
+            Regs::Modern { isr, .. } => isr,
+            Regs::Legacy { io } => crate::boot::INTX_SOURCE_PORT | u64::from(io + L_ISR),
         }
     }
 

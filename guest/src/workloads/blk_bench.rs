@@ -384,7 +384,7 @@ pub fn run(boot: &Boot) -> bool {
     let mibps = ops as u128 * block_bytes as u128 * 1_000_000_000 / elapsed_ns as u128 / (1 << 20);
     let ok = errors == 0 && timeouts == 0 && ops > 0;
     println!(
-        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} timeouts={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={} interrupts={}",
+        "RESULT workload={} status={} iops={} mibps={} lat_p50_us={} lat_p99_us={} ops={} errors={} timeouts={} rw={} bs={} qd={} threads={} secs={} kicks={} irqs={} transport={} completion={} interrupts={} irq={}",
         NAME,
         if ok { "ok" } else { "fail" },
         iops,
@@ -404,6 +404,7 @@ pub fn run(boot: &Boot) -> bool {
         if opts.either_transport { "auto" } else { opts.kind.name() },
         opts.completion.name(),
         disk.interrupts_taken() - interrupts_before,
+        opts.irq_name(),
     );
     ok
 }

@@ -532,10 +532,10 @@ pub fn run(boot: &Boot) -> bool {
     }
     let kicks: u64 = all.iter().map(|d| d.kicks()).sum();
     let waits: u64 = all.iter().map(|d| d.interrupts_waited()).sum();
-    let interrupts: u64 = all.iter().map(|d| d.interrupts_taken()).sum();
+    let interrupts = blk::interrupts_taken_by(all.iter());
     let ok = totals.errors == 0 && totals.ro_refused == totals.ro_disks;
     println!(
-        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={} interrupts={}{}",
+        "RESULT workload={} status={} disks={} blocks={} errors={} ro_disks={} ro_refused={} discard={} write_zeroes={} flushes={} threads={} kicks={} irqs={} max_lat_us={} transport={} completion={} interrupts={} irq={}{}",
         NAME,
         if ok { "ok" } else { "fail" },
         totals.disks,
@@ -553,6 +553,7 @@ pub fn run(boot: &Boot) -> bool {
         if opts.either_transport { "auto" } else { opts.kind.name() },
         opts.completion.name(),
         interrupts,
+        opts.irq_name(),
         if power_button::pressed() { " shutdown=power-button" } else { "" },
     );
     ok

@@ -1,7 +1,7 @@
 //! What the block workloads share: driver options from the command line,
 //! and finding and opening the virtio-blk disks.
 
-use crate::blk::{self, Completion, Disk, IrqArm, IrqWait, Options};
+use crate::blk::{self, Completion, Disk, IrqArm, IrqSource, IrqWait, Options};
 use crate::start_info::Cmdline;
 use crate::virtio::Kind;
 use crate::{pci, println, smp};
@@ -66,7 +66,8 @@ pub fn choice<T: Copy>(
 }
 
 /// Reads `transport=` (`modern`, `legacy`, or `auto`: modern where the
-/// device has it, else legacy), `completion=`, `event_idx=`, `indirect=`.
+/// device has it, else legacy), `completion=`, `irq=` (`msix` or `intx`),
+/// `irq_arm=`, `irq_wait=`, `event_idx=`, `indirect=`.
 pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Failure> {
     let (kind, either_transport) = choice(
         cmdline,
@@ -79,6 +80,12 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
         ],
     )?;
     let completion = completion(cmdline)?;
+    let irq_source = choice(
+        cmdline,
+        "irq",
+        "msix",
+        &[("msix", IrqSource::Msix), ("intx", IrqSource::Intx)],
+    )?;
     let irq_arm = choice(
         cmdline,
         "irq_arm",
@@ -98,6 +105,7 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
         kind,
         either_transport,
         completion,
+        irq_source,
         irq_arm,
         irq_wait,
         event_idx: on_off(cmdline, "event_idx", true)?,
