@@ -1,6 +1,7 @@
 //! virtio-blk driver: feature negotiation, one split queue per worker
 //! thread (multiqueue when offered), requests through indirect descriptor
-//! tables when offered, completion by polling or by MSI-X interrupt.
+//! tables when offered, completion by polling or by interrupt (MSI-X, or INTx
+//! through the IOAPIC).
 
 use crate::boot::{self, INTERRUPT_COUNTS};
 use crate::pci::{self, Function, Msix};
