@@ -770,6 +770,54 @@ fn a_disk_path_that_is_missing_or_a_directory_is_a_one_line_usage_error() {
     assert!(!missing.exists(), "a missing image is not created");
 }
 
+/// A qcow2 file handed to `--disk` by mistake: served as raw, the guest would see the
+/// container's metadata and its first write would wreck the image. kickvm refuses it in one
+/// line and leaves it untouched; `format=raw` says the disk really is raw (a guest may write
+/// such a header at its start), and then it is served.
+#[test]
+fn an_image_with_a_qcow2_header_is_refused_unless_declared_raw() {
+    let _turn = take_turn();
+    common::require_kvm();
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let scratch = Scratch::new("qcow2");
+    let image = scratch.image("disk.qcow2", 4 * MIB);
+    let header = b"QFI\xfb\x00\x00\x00\x03";
+    std::fs::write(&image, {
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[..header.len()].copy_from_slice(header);
+        bytes
+    })
+    .unwrap();
+    let output = common::run_kickvm(
+        &[
+            "run",
+            "--kernel",
+            &guest,
+            "--disk",
+            &disk_arg(&image, ""),
+            "--cmdline",
+            "workload=blk-verify seed=9",
+        ],
+        RUN_TIMEOUT,
+    );
+    common::assert_one_line_error(&output, "qcow2");
+    assert!(
+        output.stderr.contains(image.to_str().unwrap()) && output.stderr.contains("format=raw"),
+        "the error names the image and the way out:\n{output}"
+    );
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[..header.len()],
+        header,
+        "the image is untouched"
+    );
+    let output = run_guest(
+        "workload=blk-verify seed=9",
+        &["--disk".into(), disk_arg(&image, "format=raw")],
+    );
+    assert_verified(&output, 1);
+    blk_pattern::assert_image(&image, 9, 0, 0);
+}
+
 /// Someone truncates the image under a guest that is reading it through the default engine's
 /// copies from a mapping: the copy's SIGBUS is caught, the reads past the new end are answered
 /// through io_uring (zeros), and kickvm and the guest run to the end.

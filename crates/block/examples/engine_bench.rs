@@ -215,6 +215,7 @@ fn main() {
     let options = DiskOptions {
         readonly: true,
         direct: args.direct,
+        declared_raw: false,
     };
     let image = Arc::new(
         DiskImage::open(&bench_file.path, options).unwrap_or_else(|e| {

@@ -10,6 +10,13 @@ pub enum BlockError {
     Open { path: PathBuf, source: io::Error },
     #[error("disk image {path} is not a regular file or block device")]
     NotAnImage { path: PathBuf },
+    #[error(
+        "disk image {path} is a {format} image, and kickvm serves raw images only: convert it \
+         (qemu-img convert -O raw), or add format=raw if it is a raw disk that starts like one"
+    )]
+    NotRaw { path: PathBuf, format: &'static str },
+    #[error("disk image {path} cannot be read: {source}")]
+    Read { path: PathBuf, source: io::Error },
     #[error("disk image {path} cannot be sized: {source}")]
     Size { path: PathBuf, source: io::Error },
     #[error("the disk image is read-only; writes, discards and write-zeroes are refused")]

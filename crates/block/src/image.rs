@@ -2,11 +2,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::format::{foreign_format, PROBE_BYTES};
 use crate::BlockError;
 
 /// Alignment assumed for `O_DIRECT` when the kernel does not report one (`statx` without
@@ -22,6 +23,9 @@ pub struct DiskOptions {
     /// buffer addresses must then be aligned to [`DiskImage::direct_io_alignment`]; misaligned
     /// requests are refused with [`BlockError::Misaligned`].
     pub direct: bool,
+    /// The user declared the image raw (`format=raw`): its first bytes are the guest's and are
+    /// not checked for another format's header.
+    pub declared_raw: bool,
 }
 
 /// Alignment `O_DIRECT` requires of this image's requests.
@@ -77,6 +81,11 @@ impl DiskImage {
                 source,
             })?;
         let direct = options.direct.then(|| direct_io_alignment(&file));
+        if !options.declared_raw {
+            if let Some(format) = foreign_format(&read_header(&file, &path)?) {
+                return Err(BlockError::NotRaw { path, format });
+            }
+        }
         let discard = !options.readonly && punch_hole_works(&file, size);
         log::debug!(
             "opened {} ({size} bytes, readonly={}, direct={:?}, discard={discard})",
@@ -148,6 +157,28 @@ impl DiskImage {
             );
         }
     }
+}
+
+/// The image's first [`PROBE_BYTES`] (fewer if it is shorter): one read of a whole 4 KiB block
+/// into a buffer aligned for `O_DIRECT`, which the file may have been opened with (a file's
+/// read comes back short only at its end).
+fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, BlockError> {
+    #[repr(C, align(4096))]
+    struct Block([u8; 4096]);
+    let mut block = Box::new(Block([0; 4096]));
+    let read = loop {
+        match file.read_at(&mut block.0, 0) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(BlockError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    };
+    Ok(block.0[..read.min(PROBE_BYTES)].to_vec())
 }
 
 fn direct_io_alignment(file: &File) -> DirectIoAlignment {

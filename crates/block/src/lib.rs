@@ -30,6 +30,7 @@
 
 mod engine;
 mod error;
+mod format;
 mod image;
 mod inline_vec;
 mod io;

@@ -341,6 +341,7 @@ fn readonly_image_refuses_writes(kind: EngineKind) {
     let image = tmp.open(DiskOptions {
         readonly: true,
         direct: false,
+        declared_raw: false,
     });
     assert!(image.is_readonly());
     assert!(!image.supports_discard() && !image.supports_write_zeroes());
@@ -394,6 +395,7 @@ fn completion_fd_signals_what_finishes_after_the_reap(kind: EngineKind) {
     let image = tmp.open(DiskOptions {
         readonly: false,
         direct: true,
+        declared_raw: false,
     });
     let mut e = engine(&image, kind, 8);
     assert!(!fd_readable(e.completion_fd(), 0), "idle engine signals");
@@ -457,6 +459,7 @@ fn direct_io_round_trip_and_misaligned_refused(kind: EngineKind) {
     let image = tmp.open(DiskOptions {
         readonly: false,
         direct: true,
+        declared_raw: false,
     });
     let align = image.direct_io_alignment().expect("opened direct");
     assert!(align.memory <= 4096 && align.offset <= 4096);
@@ -557,12 +560,55 @@ fn opening_a_missing_image_names_it() {
 }
 
 #[test]
+fn an_image_with_a_qcow2_header_is_refused_unless_declared_raw() {
+    let tmp = TempImage::new(1 << 20);
+    tmp.fill(0, b"QFI\xfb\x00\x00\x00\x03");
+    for direct in [false, true] {
+        let options = DiskOptions {
+            readonly: false,
+            direct,
+            declared_raw: false,
+        };
+        let err = DiskImage::open(&tmp.path, options).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlockError::NotRaw {
+                    format: "qcow2",
+                    ..
+                }
+            ),
+            "direct={direct}: {err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(tmp.path.to_str().unwrap()) && message.contains("format=raw"),
+            "{message}"
+        );
+        let declared = DiskImage::open(
+            &tmp.path,
+            DiskOptions {
+                declared_raw: true,
+                ..options
+            },
+        );
+        assert!(declared.is_ok(), "direct={direct}: format=raw opens it");
+    }
+    // Raw images open, down to an empty one (nothing to recognise).
+    tmp.fill(0, &[0; 8]);
+    assert!(DiskImage::open(&tmp.path, DiskOptions::default()).is_ok());
+    tmp.truncate(0);
+    assert!(DiskImage::open(&tmp.path, DiskOptions::default()).is_ok());
+}
+
+#[test]
 fn opening_a_directory_is_refused() {
     let err = DiskImage::open(
         std::env::temp_dir(),
         DiskOptions {
             readonly: true,
             direct: false,
+            declared_raw: false,
         },
     )
     .unwrap_err();

@@ -229,6 +229,7 @@ impl PciDevices {
             DiskOptions {
                 readonly: config.readonly,
                 direct: config.direct,
+                declared_raw: config.declared_raw,
             },
         )
         .map_err(|source| AttachError::Image {

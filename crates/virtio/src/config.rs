@@ -1,5 +1,5 @@
 //! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
-//! [,direct=on][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
+//! [,direct=on][,format=raw][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
 //! [,poll_us=N]` or `--disk socket=PATH[,ioeventfd=..][,transport=..][,queues=N][,id=..]
 //! [,queue_size=N]` (a vhost-user-blk backend) parsed into a [`BlkConfig`].
 
@@ -22,7 +22,7 @@ pub enum BlkConfigError {
     PathAndSocket,
     #[error("--disk: `{0}` does not apply to a vhost-user disk (socket=): the backend decides")]
     NotForVhostUser(String),
-    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, serial, queues, id, queue_size, engine, poll_us)")]
+    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, format, serial, queues, id, queue_size, engine, poll_us)")]
     UnknownOption(String),
     #[error("--disk: option `{0}` given twice")]
     Duplicate(String),
@@ -49,6 +49,8 @@ pub struct BlkConfig {
     pub transport: TransportKind,
     /// Open with O_DIRECT (bypass the host page cache).
     pub direct: bool,
+    /// `format=raw`: the image is raw even if it starts like a qcow2 (or other) header.
+    pub declared_raw: bool,
     pub serial: Option<String>,
     pub queues: u16,
     /// The device's name in reports and the control API; `disk<N>` by default.
@@ -67,6 +69,7 @@ impl Default for BlkConfig {
             ioeventfd: true,
             transport: TransportKind::Transitional,
             direct: false,
+            declared_raw: false,
             serial: None,
             queues: 1,
             id: None,
@@ -113,6 +116,8 @@ impl FromStr for BlkConfig {
                 "readonly" => config.readonly = on_off(key, value)?,
                 "ioeventfd" => config.ioeventfd = on_off(key, value)?,
                 "direct" => config.direct = on_off(key, value)?,
+                "format" if value == "raw" => config.declared_raw = true,
+                "format" => return Err(bad(key, value, "raw (the only format kickvm serves)")),
                 "transport" => {
                     config.transport = value
                         .parse()
@@ -166,8 +171,9 @@ impl FromStr for BlkConfig {
             if seen.contains(&"path") {
                 return Err(BlkConfigError::PathAndSocket);
             }
-            const BACKEND_OPTIONS: [&str; 5] =
-                ["readonly", "direct", "serial", "engine", "poll_us"];
+            const BACKEND_OPTIONS: [&str; 6] = [
+                "readonly", "direct", "format", "serial", "engine", "poll_us",
+            ];
             if let Some(option) = seen.iter().find(|k| BACKEND_OPTIONS.contains(k)) {
                 return Err(BlkConfigError::NotForVhostUser(option.to_string()));
             }
@@ -199,10 +205,11 @@ mod tests {
     #[test]
     fn every_option_is_parsed() {
         let c: BlkConfig = "path=/a.img,readonly=on,ioeventfd=off,transport=legacy,direct=on,\
-                            serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,poll_us=0"
+                            format=raw,serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,\
+                            poll_us=0"
             .parse()
             .unwrap();
-        assert!(c.readonly && !c.ioeventfd && c.direct);
+        assert!(c.readonly && !c.ioeventfd && c.direct && c.declared_raw);
         assert_eq!(c.transport, TransportKind::Legacy);
         assert_eq!(c.serial.as_deref(), Some("SN1"));
         assert_eq!((c.queues, c.queue_size, c.poll_us), (2, 128, 0));
@@ -229,6 +236,10 @@ mod tests {
         ));
         assert!(matches!(
             err("path=/a,transport=pci"),
+            BlkConfigError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err("path=/a,format=qcow2"),
             BlkConfigError::BadValue { .. }
         ));
         assert!(matches!(
@@ -263,6 +274,10 @@ mod tests {
         assert_eq!(
             err("socket=/s,readonly=on"),
             BlkConfigError::NotForVhostUser("readonly".into())
+        );
+        assert_eq!(
+            err("socket=/s,format=raw"),
+            BlkConfigError::NotForVhostUser("format".into())
         );
         assert!(matches!(err("socket="), BlkConfigError::BadValue { .. }));
     }

@@ -92,6 +92,7 @@ fn disk(mem: &GuestMemoryMmap, queues: Vec<Queue>, readonly: bool, serial: Optio
             DiskOptions {
                 readonly,
                 direct: false,
+                declared_raw: false,
             },
         )
         .unwrap(),
