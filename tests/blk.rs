@@ -818,6 +818,62 @@ fn an_image_with_a_qcow2_header_is_refused_unless_declared_raw() {
     blk_pattern::assert_image(&image, 9, 0, 0);
 }
 
+/// Two VMs on one image would corrupt it: while one kickvm has it open for writing, a second
+/// (writing or reading) is refused in one line; `lock=off` overrides; once the first is gone
+/// the image opens again.
+#[test]
+fn an_image_in_use_by_another_kickvm_is_refused_unless_lock_off() {
+    let _turn = take_turn();
+    common::require_kvm();
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let scratch = Scratch::new("lock");
+    let image = scratch.image("shared.img", 4 * MIB);
+    let mut first = common::spawn_kickvm(&[
+        "run",
+        "--kernel",
+        &guest,
+        "--disk",
+        &disk_arg(&image, ""),
+        "--cmdline",
+        "workload=blk-verify seed=4 hold=1",
+    ]);
+    let mut live = LiveStdout::new(&mut first);
+    let holding = live.wait_for(|line| line == "FLUSHED disk=0 loop=0");
+    let second = |options: &str| {
+        common::run_kickvm(
+            &[
+                "run",
+                "--kernel",
+                &guest,
+                "--disk",
+                &disk_arg(&image, options),
+                "--cmdline",
+                "workload=blk-verify seed=5",
+            ],
+            RUN_TIMEOUT,
+        )
+    };
+    let writer = second("");
+    let reader = second("readonly=on");
+    let unlocked = second("readonly=on,lock=off");
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    let _ = first.wait();
+    let seen = live.seen.clone();
+    live.rest();
+    assert!(holding, "the first VM never held its image:\n{seen}");
+    common::assert_one_line_error(&writer, "in use by another process");
+    common::assert_one_line_error(&reader, "being written by another process");
+    assert!(writer.stderr.contains("lock=off"), "{writer}");
+    unlocked.assert_exit_code(0);
+    assert_eq!(unlocked.result("blk-verify")["ro_disks"], "1", "{unlocked}");
+    let after = run_guest(
+        "workload=blk-verify seed=6",
+        &["--disk".into(), disk_arg(&image, "")],
+    );
+    assert_verified(&after, 1);
+}
+
 /// Someone truncates the image under a guest that is reading it through the default engine's
 /// copies from a mapping: the copy's SIGBUS is caught, the reads past the new end are answered
 /// through io_uring (zeros), and kickvm and the guest run to the end.

@@ -216,6 +216,7 @@ fn main() {
         readonly: true,
         direct: args.direct,
         declared_raw: false,
+        unlocked: false,
     };
     let image = Arc::new(
         DiskImage::open(&bench_file.path, options).unwrap_or_else(|e| {

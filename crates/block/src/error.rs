@@ -15,6 +15,12 @@ pub enum BlockError {
          (qemu-img convert -O raw), or add format=raw if it is a raw disk that starts like one"
     )]
     NotRaw { path: PathBuf, format: &'static str },
+    #[error(
+        "disk image {path} is {} by another process (another VM?), which holds a lock on it; \
+         add lock=off to open it anyway",
+        if *readonly { "being written" } else { "in use" }
+    )]
+    Locked { path: PathBuf, readonly: bool },
     #[error("disk image {path} cannot be read: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("disk image {path} cannot be sized: {source}")]

@@ -342,6 +342,7 @@ fn readonly_image_refuses_writes(kind: EngineKind) {
         readonly: true,
         direct: false,
         declared_raw: false,
+        unlocked: false,
     });
     assert!(image.is_readonly());
     assert!(!image.supports_discard() && !image.supports_write_zeroes());
@@ -396,6 +397,7 @@ fn completion_fd_signals_what_finishes_after_the_reap(kind: EngineKind) {
         readonly: false,
         direct: true,
         declared_raw: false,
+        unlocked: false,
     });
     let mut e = engine(&image, kind, 8);
     assert!(!fd_readable(e.completion_fd(), 0), "idle engine signals");
@@ -460,6 +462,7 @@ fn direct_io_round_trip_and_misaligned_refused(kind: EngineKind) {
         readonly: false,
         direct: true,
         declared_raw: false,
+        unlocked: false,
     });
     let align = image.direct_io_alignment().expect("opened direct");
     assert!(align.memory <= 4096 && align.offset <= 4096);
@@ -568,6 +571,7 @@ fn an_image_with_a_qcow2_header_is_refused_unless_declared_raw() {
             readonly: false,
             direct,
             declared_raw: false,
+            unlocked: false,
         };
         let err = DiskImage::open(&tmp.path, options).unwrap_err();
         assert!(
@@ -602,6 +606,37 @@ fn an_image_with_a_qcow2_header_is_refused_unless_declared_raw() {
 }
 
 #[test]
+fn a_writable_image_is_locked_against_every_other_open_and_a_readonly_one_against_writers() {
+    let tmp = TempImage::new(1 << 20);
+    let open = |readonly: bool, unlocked: bool| {
+        DiskImage::open(
+            &tmp.path,
+            DiskOptions {
+                readonly,
+                unlocked,
+                ..DiskOptions::default()
+            },
+        )
+    };
+    let locked = |r: Result<DiskImage, BlockError>, readonly: bool| matches!(r, Err(BlockError::Locked { readonly: r, .. }) if r == readonly);
+    let writer = open(false, false).unwrap();
+    assert!(locked(open(false, false), false), "a second writer");
+    assert!(locked(open(true, false), true), "a reader beside a writer");
+    let err = open(false, false).unwrap_err().to_string();
+    assert!(
+        err.contains(tmp.path.to_str().unwrap()) && err.contains("lock=off"),
+        "{err}"
+    );
+    assert!(open(false, true).is_ok(), "lock=off opens it anyway");
+    drop(writer);
+    let reader = open(true, false).unwrap();
+    let another_reader = open(true, false).unwrap();
+    assert!(locked(open(false, false), false), "a writer beside readers");
+    drop((reader, another_reader));
+    assert!(open(false, false).is_ok(), "the locks went with the images");
+}
+
+#[test]
 fn opening_a_directory_is_refused() {
     let err = DiskImage::open(
         std::env::temp_dir(),
@@ -609,6 +644,7 @@ fn opening_a_directory_is_refused() {
             readonly: true,
             direct: false,
             declared_raw: false,
+            unlocked: false,
         },
     )
     .unwrap_err();

@@ -230,6 +230,7 @@ impl PciDevices {
                 readonly: config.readonly,
                 direct: config.direct,
                 declared_raw: config.declared_raw,
+                unlocked: !config.lock,
             },
         )
         .map_err(|source| AttachError::Image {

@@ -1,5 +1,5 @@
 //! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
-//! [,direct=on][,format=raw][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
+//! [,direct=on][,format=raw][,lock=on|off][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
 //! [,poll_us=N]` or `--disk socket=PATH[,ioeventfd=..][,transport=..][,queues=N][,id=..]
 //! [,queue_size=N]` (a vhost-user-blk backend) parsed into a [`BlkConfig`].
 
@@ -22,7 +22,7 @@ pub enum BlkConfigError {
     PathAndSocket,
     #[error("--disk: `{0}` does not apply to a vhost-user disk (socket=): the backend decides")]
     NotForVhostUser(String),
-    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, format, serial, queues, id, queue_size, engine, poll_us)")]
+    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, format, lock, serial, queues, id, queue_size, engine, poll_us)")]
     UnknownOption(String),
     #[error("--disk: option `{0}` given twice")]
     Duplicate(String),
@@ -51,6 +51,8 @@ pub struct BlkConfig {
     pub direct: bool,
     /// `format=raw`: the image is raw even if it starts like a qcow2 (or other) header.
     pub declared_raw: bool,
+    /// Lock the image while it is open (exclusive when writable, shared when read-only).
+    pub lock: bool,
     pub serial: Option<String>,
     pub queues: u16,
     /// The device's name in reports and the control API; `disk<N>` by default.
@@ -70,6 +72,7 @@ impl Default for BlkConfig {
             transport: TransportKind::Transitional,
             direct: false,
             declared_raw: false,
+            lock: true,
             serial: None,
             queues: 1,
             id: None,
@@ -117,6 +120,7 @@ impl FromStr for BlkConfig {
                 "ioeventfd" => config.ioeventfd = on_off(key, value)?,
                 "direct" => config.direct = on_off(key, value)?,
                 "format" if value == "raw" => config.declared_raw = true,
+                "lock" => config.lock = on_off(key, value)?,
                 "format" => return Err(bad(key, value, "raw (the only format kickvm serves)")),
                 "transport" => {
                     config.transport = value
@@ -171,8 +175,8 @@ impl FromStr for BlkConfig {
             if seen.contains(&"path") {
                 return Err(BlkConfigError::PathAndSocket);
             }
-            const BACKEND_OPTIONS: [&str; 6] = [
-                "readonly", "direct", "format", "serial", "engine", "poll_us",
+            const BACKEND_OPTIONS: [&str; 7] = [
+                "readonly", "direct", "format", "lock", "serial", "engine", "poll_us",
             ];
             if let Some(option) = seen.iter().find(|k| BACKEND_OPTIONS.contains(k)) {
                 return Err(BlkConfigError::NotForVhostUser(option.to_string()));
@@ -205,11 +209,11 @@ mod tests {
     #[test]
     fn every_option_is_parsed() {
         let c: BlkConfig = "path=/a.img,readonly=on,ioeventfd=off,transport=legacy,direct=on,\
-                            format=raw,serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,\
+                            format=raw,lock=off,serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,\
                             poll_us=0"
             .parse()
             .unwrap();
-        assert!(c.readonly && !c.ioeventfd && c.direct && c.declared_raw);
+        assert!(c.readonly && !c.ioeventfd && c.direct && c.declared_raw && !c.lock);
         assert_eq!(c.transport, TransportKind::Legacy);
         assert_eq!(c.serial.as_deref(), Some("SN1"));
         assert_eq!((c.queues, c.queue_size, c.poll_us), (2, 128, 0));

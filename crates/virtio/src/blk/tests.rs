@@ -93,6 +93,7 @@ fn disk(mem: &GuestMemoryMmap, queues: Vec<Queue>, readonly: bool, serial: Optio
                 readonly,
                 direct: false,
                 declared_raw: false,
+                unlocked: false,
             },
         )
         .unwrap(),
