@@ -298,6 +298,64 @@ fn blk_verify_passes_by_intx_interrupts_on_both_transports_with_ioeventfd_on_and
     }
 }
 
+/// The guest gives every BAR of the running device a new address (after DRIVER_OK, when kickvm
+/// has registered the doorbells' ioeventfds), then does all its I/O: the registers answer at
+/// the new addresses, every kick still arrives by ioeventfd (none exits: with the move of the
+/// registrations taken out, tried, every kick exited), and the MSI-X interrupts keep coming,
+/// on both transports.
+#[test]
+fn a_guest_that_moves_the_bars_keeps_its_ioeventfd_kicks_and_interrupts() {
+    let _turn = take_turn();
+    let scratch = Scratch::new("bars");
+    let mut seed = 400;
+    for transport in ["modern", "legacy"] {
+        let mut registers = Vec::new();
+        for bars in ["keep", "move"] {
+            seed += 1;
+            let what = format!("transport={transport} bars={bars}");
+            let image = scratch.image(&format!("{transport}-{bars}.img"), 8 * MIB);
+            let output = run_guest(
+                &format!(
+                    "workload=blk-verify seed={seed} transport={transport} completion=irq \
+                     bars={bars}"
+                ),
+                &[
+                    "--cpus".into(),
+                    "2".into(),
+                    "--disk".into(),
+                    disk_arg(&image, &format!("queues=2,transport={transport}")),
+                ],
+            );
+            let result = assert_verified(&output, 1);
+            assert_ne!(
+                result["interrupts"], "0",
+                "{what}: MSI-X interrupts\n{output}"
+            );
+            let disk_line = output
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("DISK index=0 "))
+                .unwrap_or_else(|| panic!("{what}: no DISK line\n{output}"));
+            let regs = disk_line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("regs="))
+                .unwrap_or_else(|| panic!("{what}: {disk_line}"))
+                .to_string();
+            registers.push(regs);
+            let queues = queue_summaries(&output, "disk0");
+            assert_eq!(queues.len(), 2, "{what}\n{output}");
+            for queue in &queues {
+                assert_notify_path(queue, true, &what);
+            }
+            blk_pattern::assert_image(&image, seed, 0, 0);
+        }
+        assert_ne!(
+            registers[0], registers[1],
+            "transport={transport}: bars=move put the registers elsewhere"
+        );
+    }
+}
+
 /// Every I/O engine serves the same guest: the pattern verifies and lands in the image.
 /// `completion=irq` re-arms the queue's interrupt after every harvest, as Linux's drivers do,
 /// so a request the device completes inside the kick's exit (sync mode) is still signalled;

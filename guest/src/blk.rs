@@ -83,6 +83,8 @@ pub struct Options {
     pub irq_source: IrqSource,
     pub irq_arm: IrqArm,
     pub irq_wait: IrqWait,
+    /// `bars=move`: each disk's BARs get new addresses once it is running.
+    pub move_bars: bool,
     pub event_idx: bool,
     pub indirect: bool,
     /// Queues wanted (one per worker thread); fewer if the device has fewer.
@@ -574,6 +576,27 @@ impl Disk {
     /// Interrupts taken on the disk's queue vectors so far (waited for or not).
     pub fn interrupts_taken(&self) -> u64 {
         interrupts_taken_by([self])
+    }
+
+    /// Gives every BAR of the live device a new address (`bars=move`: after DRIVER_OK, so
+    /// the VMM must move what it registered on the old ones) and follows it: registers,
+    /// doorbells and the INTx handler's ISR address. The MSI-X table's entries stay in the
+    /// device.
+    pub fn move_bars(&mut self) -> Result<(), Error> {
+        let old_isr = self.transport.isr_source();
+        let mut function = self.transport.function;
+        if !pci::move_bars(&mut function) {
+            return Err(Error::BarsNotMoved);
+        }
+        self.transport = self.transport.moved(function)?;
+        for (index, queue) in self.queues.iter().enumerate() {
+            if let Some(queue) = queue {
+                let doorbell = self.transport.doorbell(index as u16);
+                queue.ring.lock().queue.set_doorbell(doorbell);
+            }
+        }
+        boot::replace_intx_source(old_isr, self.transport.isr_source());
+        Ok(())
     }
 }
 

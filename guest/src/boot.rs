@@ -68,6 +68,14 @@ pub fn add_intx_source(vector: u8, source: u64) -> bool {
     })
 }
 
+/// Has the INTx stubs read `new` wherever they read `old` (the device's BAR
+/// moved).
+pub fn replace_intx_source(old: u64, new: u64) {
+    for slot in INTX_SOURCES.iter().flatten() {
+        let _ = slot.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 /// Per-CPU values an AP's CPL0 entry needs: its kernel (RSP0) stack top and
 /// its user stack top. Index 0 (the BSP) is unused. Written by the BSP before
 /// it sends SIPIs.

@@ -188,7 +188,14 @@ fn size_bar(addr: Address, index: usize) -> (Bar, bool) {
     )
 }
 
-fn assign_bar(addr: Address, index: usize, bar: &mut Bar, is64: bool, windows: &mut Windows) {
+/// Places `bar` at the next free address of its window; false if it does not fit.
+fn assign_bar(
+    addr: Address,
+    index: usize,
+    bar: &mut Bar,
+    is64: bool,
+    windows: &mut Windows,
+) -> bool {
     let (next, limit) = if bar.io {
         (&mut windows.io_next, IO_WINDOW.1)
     } else {
@@ -196,7 +203,7 @@ fn assign_bar(addr: Address, index: usize, bar: &mut Bar, is64: bool, windows: &
     };
     let start = (*next + bar.size - 1) & !(bar.size - 1);
     if start + bar.size > limit {
-        return;
+        return false;
     }
     *next = start + bar.size;
     bar.addr = start;
@@ -206,7 +213,14 @@ fn assign_bar(addr: Address, index: usize, bar: &mut Bar, is64: bool, windows: &
     if is64 {
         addr.write32(offset + 4, (start >> 32) as u32);
     }
+    true
 }
+
+/// Where the next BAR assigned goes: past everything [`enumerate`] found.
+static WINDOWS: SpinLock<Windows> = SpinLock::new(Windows {
+    mmio_next: MMIO_WINDOW.0,
+    io_next: IO_WINDOW.0,
+});
 
 /// Enumerates bus 0, sizes every BAR and assigns any the firmware left at 0.
 pub fn enumerate() -> Bus {
@@ -285,7 +299,32 @@ pub fn enumerate() -> Bus {
             }
         }
     }
+    *WINDOWS.lock() = windows;
     bus
+}
+
+/// Gives every BAR of `f` a new address past all the others (as an OS
+/// rebalancing resources does), with the function's decoding off while they
+/// move, and records them in `f`. False if a window ran out (those BARs stay).
+pub fn move_bars(f: &mut Function) -> bool {
+    let mut windows = WINDOWS.lock();
+    let command = f.addr.read16(COMMAND);
+    f.addr
+        .write16(COMMAND, command & !(COMMAND_IO | COMMAND_MEMORY));
+    let mut all_moved = true;
+    let mut index = 0;
+    while index < 6 {
+        let low = f.addr.read32(BAR0 + 4 * index as u8);
+        let is64 = low & 1 == 0 && (low >> 1) & 3 == 2;
+        let mut bar = f.bars[index];
+        if bar.size != 0 {
+            all_moved &= assign_bar(f.addr, index, &mut bar, is64, &mut windows);
+            f.bars[index] = bar;
+        }
+        index += if is64 { 2 } else { 1 };
+    }
+    f.addr.write16(COMMAND, command);
+    all_moved
 }
 
 impl Bus {

@@ -157,6 +157,7 @@ pub enum Error {
     MsixMissing,
     MsixVectorRejected,
     NoIntxLine,
+    BarsNotMoved,
     DeviceFailed,
 }
 
@@ -172,6 +173,7 @@ impl Error {
             Error::MsixMissing => "msix-missing",
             Error::MsixVectorRejected => "msix-vector-rejected",
             Error::NoIntxLine => "no-intx-line",
+            Error::BarsNotMoved => "bars-not-moved",
             Error::DeviceFailed => "device-failed",
         }
     }
@@ -381,12 +383,7 @@ impl Transport {
         msix_entry: u16,
     ) -> Result<Doorbell, Error> {
         match self.regs {
-            Regs::Modern {
-                common,
-                notify,
-                notify_multiplier,
-                ..
-            } => {
+            Regs::Modern { common, .. } => {
                 mmio_write16(common + QUEUE_SELECT, index);
                 mmio_write16(common + QUEUE_SIZE, q.size);
                 let write64 = |off: u64, v: u64| {
@@ -402,11 +399,8 @@ impl Transport {
                         return Err(Error::MsixVectorRejected);
                     }
                 }
-                let notify_off = mmio_read16(common + QUEUE_NOTIFY_OFF);
                 mmio_write16(common + QUEUE_ENABLE, 1);
-                Ok(Doorbell::Mmio(
-                    notify + notify_off as u64 * notify_multiplier as u64,
-                ))
+                Ok(self.doorbell(index))
             }
             Regs::Legacy { io } => {
                 outw(io + L_QUEUE_SELECT, index);
@@ -417,9 +411,34 @@ impl Transport {
                     }
                 }
                 outl(io + L_QUEUE_PFN, (q.desc >> 12) as u32);
-                Ok(Doorbell::Port(io + L_QUEUE_NOTIFY))
+                Ok(self.doorbell(index))
             }
         }
+    }
+
+    /// Where queue `index`'s kicks go, at the registers' current addresses.
+    pub fn doorbell(&self, index: u16) -> Doorbell {
+        match self.regs {
+            Regs::Modern {
+                common,
+                notify,
+                notify_multiplier,
+                ..
+            } => {
+                mmio_write16(common + QUEUE_SELECT, index);
+                let notify_off = mmio_read16(common + QUEUE_NOTIFY_OFF);
+                Doorbell::Mmio(notify + notify_off as u64 * notify_multiplier as u64)
+            }
+            Regs::Legacy { io } => Doorbell::Port(io + L_QUEUE_NOTIFY),
+        }
+    }
+
+    /// The same device after its BARs moved (`function` holds the new addresses): the
+    /// registers are found again where they now are.
+    pub fn moved(&self, function: Function) -> Result<Transport, Error> {
+        let mut moved = Transport::new(function, self.kind)?;
+        moved.msix_enabled = self.msix_enabled;
+        Ok(moved)
     }
 
     fn config_generation(&self) -> u8 {

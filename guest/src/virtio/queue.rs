@@ -88,6 +88,11 @@ impl Queue {
         self.doorbell
     }
 
+    /// Kicks go to `doorbell` from now on (the device's BAR moved).
+    pub fn set_doorbell(&mut self, doorbell: Doorbell) {
+        self.doorbell = doorbell;
+    }
+
     /// Writes descriptor `i` of the ring's table.
     pub fn set_desc(&mut self, i: u16, d: Desc) {
         assert!(i < self.size);

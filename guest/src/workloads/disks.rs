@@ -67,7 +67,8 @@ pub fn choice<T: Copy>(
 
 /// Reads `transport=` (`modern`, `legacy`, or `auto`: modern where the
 /// device has it, else legacy), `completion=`, `irq=` (`msix` or `intx`),
-/// `irq_arm=`, `irq_wait=`, `event_idx=`, `indirect=`.
+/// `irq_arm=`, `irq_wait=`, `bars=` (`keep`, or `move` each disk's BARs once
+/// it runs), `event_idx=`, `indirect=`.
 pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Failure> {
     let (kind, either_transport) = choice(
         cmdline,
@@ -108,6 +109,7 @@ pub fn options(cmdline: &Cmdline, max_request_bytes: u32) -> Result<Options, Fai
         irq_source,
         irq_arm,
         irq_wait,
+        move_bars: choice(cmdline, "bars", "keep", &[("keep", false), ("move", true)])?,
         event_idx: on_off(cmdline, "event_idx", true)?,
         indirect: on_off(cmdline, "indirect", true)?,
         queues: smp::online(),
@@ -143,7 +145,13 @@ pub fn open_all(opts: &Options, limit: usize) -> Result<&'static Disks, Failure>
         if disks.count >= limit.min(MAX_DISKS) {
             break;
         }
-        let disk = blk::open(*f, opts).map_err(|e| {
+        let disk = blk::open(*f, opts).and_then(|mut disk| {
+            if opts.move_bars {
+                disk.move_bars()?;
+            }
+            Ok(disk)
+        });
+        let disk = disk.map_err(|e| {
             println!(
                 "DISK index={} pci={} error={}",
                 disks.count,
