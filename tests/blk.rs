@@ -828,6 +828,45 @@ fn a_disk_path_that_is_missing_or_a_directory_is_a_one_line_usage_error() {
     assert!(!missing.exists(), "a missing image is not created");
 }
 
+#[test]
+fn one_image_behind_two_disks_of_a_vm_is_a_one_line_error() {
+    common::require_kvm();
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let scratch = Scratch::new("same-image");
+    let image = scratch.image("one.img", MIB);
+    // The same file by another name, even read-only, is the same image.
+    let other_name = scratch.0.join("link.img");
+    std::os::unix::fs::symlink(&image, &other_name).unwrap();
+    let output = common::run_kickvm(
+        &[
+            "run",
+            "--kernel",
+            &guest,
+            "--disk",
+            &disk_arg(&image, ""),
+            "--disk",
+            &disk_arg(&other_name, "readonly=on"),
+        ],
+        RUN_TIMEOUT,
+    );
+    common::assert_one_line_error(&output, "is already disk disk0 of this VM");
+}
+
+#[test]
+fn more_disks_than_pci_slots_is_a_one_line_error() {
+    common::require_kvm();
+    let guest = common::test_guest().to_str().unwrap().to_string();
+    let scratch = Scratch::new("slots");
+    let mut args = vec!["run".to_string(), "--kernel".into(), guest];
+    for d in 0..32 {
+        args.push("--disk".into());
+        args.push(disk_arg(&scratch.image(&format!("d{d}.img"), MIB), ""));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = common::run_kickvm(&args, RUN_TIMEOUT);
+    common::assert_one_line_error(&output, "disk31: all 31 PCI slots are taken");
+}
+
 /// A qcow2 file handed to `--disk` by mistake: served as raw, the guest would see the
 /// container's metadata and its first write would wreck the image. kickvm refuses it in one
 /// line and leaves it untouched; `format=raw` says the disk really is raw (a guest may write

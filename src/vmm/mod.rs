@@ -85,6 +85,11 @@ impl VmError {
                 kickvm_virtio::AttachError::Image { .. }
                     | kickvm_virtio::AttachError::Device { .. }
                     | kickvm_virtio::AttachError::DuplicateId(_)
+                    | kickvm_virtio::AttachError::SameImage { .. }
+                    | kickvm_virtio::AttachError::Plug {
+                        source: kickvm_virtio::PlugError::Pci(kickvm_pci::PciError::NoFreeSlot),
+                        ..
+                    }
                     | kickvm_virtio::AttachError::VhostUser {
                         source: kickvm_virtio::vhost_user::VhostUserError::Connect { .. }
                             | kickvm_virtio::vhost_user::VhostUserError::Missing { .. },

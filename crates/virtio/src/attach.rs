@@ -55,6 +55,14 @@ pub enum AttachError {
     },
     #[error("two devices are called `{0}`")]
     DuplicateId(String),
+    #[error(
+        "disk {id}: {path} is already disk {other} of this VM; one image cannot back two disks"
+    )]
+    SameImage {
+        id: String,
+        path: std::path::PathBuf,
+        other: String,
+    },
     #[error("net {id}: {source}")]
     Tap { id: String, source: TapError },
     #[error("net {id}: {source}")]
@@ -106,8 +114,34 @@ pub struct PciDevices {
     mem: GuestMemoryMmap,
     options: PciOptions,
     devices: Vec<(String, SharedVirtioDevice)>,
+    /// The images the disks opened, by identity, with the disk's id.
+    images: Vec<(ImageIdentity, String)>,
     disks: usize,
     nets: usize,
+}
+
+/// What makes two paths the same image: the file (device and inode), or for a block device
+/// the device itself, whichever node names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageIdentity {
+    File { dev: u64, ino: u64 },
+    BlockDevice { rdev: u64 },
+}
+
+impl ImageIdentity {
+    /// `None` if the path cannot be looked at (opening it then says why).
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path).ok()?;
+        Some(if meta.file_type().is_block_device() {
+            ImageIdentity::BlockDevice { rdev: meta.rdev() }
+        } else {
+            ImageIdentity::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        })
+    }
 }
 
 impl PciDevices {
@@ -153,6 +187,7 @@ impl PciDevices {
             mem,
             options,
             devices: Vec::new(),
+            images: Vec::new(),
             disks: 0,
             nets: 0,
         })
@@ -177,6 +212,19 @@ impl PciDevices {
             .unwrap_or_else(|| format!("disk{}", self.disks));
         if self.device(&id).is_some() {
             return Err(AttachError::DuplicateId(id));
+        }
+        // Its own lock would refuse the second open too, but as "another process".
+        let image = config
+            .vhost_user
+            .is_none()
+            .then(|| ImageIdentity::of(&config.path))
+            .flatten();
+        if let Some((_, other)) = self.images.iter().find(|(i, _)| Some(*i) == image) {
+            return Err(AttachError::SameImage {
+                id,
+                path: config.path.clone(),
+                other: other.clone(),
+            });
         }
         let (device, backend, poll_us): (Box<dyn VirtioDevice>, String, u32) =
             match &config.vhost_user {
@@ -219,6 +267,9 @@ impl PciDevices {
             config.transport.name(),
             if config.ioeventfd { "on" } else { "off" }
         );
+        if let Some(image) = image {
+            self.images.push((image, id.clone()));
+        }
         self.disks += 1;
         Ok(id)
     }
