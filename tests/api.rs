@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use api_vm::{exit_queue_counters, image, ApiVm};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A VM that never ends by itself (the halting guest) with two disks that no driver touches.
 fn idle_vm(name: &str) -> ApiVm {
@@ -22,7 +22,7 @@ fn idle_vm(name: &str) -> ApiVm {
     let b = image(&dir, "b.img", 1 << 20);
     let disk_a = format!("path={}", a.display());
     let disk_b = format!(
-        "path={},id=data,transport=legacy,ioeventfd=off",
+        "path={},id=data,transport=legacy,ioeventfd=off,readonly=on,engine=threads",
         b.display()
     );
     ApiVm::start(
@@ -211,7 +211,23 @@ fn info_names_each_device_with_its_transport_and_each_queue_with_its_notify_mode
     // No driver: every queue is in sync mode, and info says why.
     assert_eq!(disk0["queues"][0]["notify"], "sync");
     assert_eq!(disk0["queues"][0]["reason"], "driver-not-ready");
+    let backend = &disk0["backend"];
+    assert!(
+        backend["path"].as_str().unwrap().ends_with("a.img"),
+        "{backend}"
+    );
+    assert_eq!(backend["size_bytes"], 1u64 << 20, "{backend}");
+    assert_eq!(
+        (&backend["readonly"], &backend["direct"], &backend["engine"]),
+        (&json!(false), &json!(false), &json!("auto")),
+        "{backend}"
+    );
     let data = &devices[1];
+    assert_eq!(
+        (&data["backend"]["readonly"], &data["backend"]["engine"]),
+        (&json!(true), &json!("threads")),
+        "{data}"
+    );
     assert_eq!(data["transport"], "legacy");
     assert_eq!(data["ioeventfd"], "off");
     assert_eq!(data["queues"][0]["reason"], "ioeventfd-off");

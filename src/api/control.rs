@@ -19,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use kickvm_virtio::device::BackendValue;
 use kickvm_virtio::notifier::{NotifyMode, SyncReason};
 use kickvm_virtio::PciDevices;
 use serde_json::{json, Value};
@@ -278,6 +279,18 @@ fn device_info(id: &str, device: &kickvm_virtio::VirtioPciDevice) -> Value {
         "ioeventfd": if device.ioeventfd() { "on" } else { "off" },
         "active": device.is_active(),
         "status": device.device_status(),
+        "backend": device
+            .backend()
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    BackendValue::Text(text) => json!(text),
+                    BackendValue::Number(n) => json!(n),
+                    BackendValue::Flag(flag) => json!(flag),
+                };
+                (key.to_string(), value)
+            })
+            .collect::<serde_json::Map<String, Value>>(),
         "queues": queues,
     })
 }

@@ -125,10 +125,23 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// One value of [`VirtioDevice::backend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendValue {
+    Text(String),
+    Number(u64),
+    Flag(bool),
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device type (2 for block).
     fn device_type(&self) -> u16;
+    /// What serves the device, as named values for reports (`vm.info`): the image, the
+    /// backend's socket, the MAC.
+    fn backend(&self) -> Vec<(&'static str, BackendValue)> {
+        Vec::new()
+    }
     /// The largest size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered, including transport features (VERSION_1, EVENT_IDX, ...).

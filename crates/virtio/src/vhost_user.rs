@@ -28,8 +28,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    read_config_bytes, ActivateError, Activation, DirectInterrupt, QueueHandler, VirtioDevice,
-    VirtioInterrupt,
+    read_config_bytes, ActivateError, Activation, BackendValue, DirectInterrupt, QueueHandler,
+    VirtioDevice, VirtioInterrupt,
 };
 
 const VIRTIO_ID_BLOCK: u16 = 2;
@@ -295,6 +295,11 @@ impl VhostUserBlk {
 impl VirtioDevice for VhostUserBlk {
     fn device_type(&self) -> u16 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn backend(&self) -> Vec<(&'static str, BackendValue)> {
+        let socket = self.backend.lock().unwrap().path.display().to_string();
+        vec![("vhost_user_socket", BackendValue::Text(socket))]
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

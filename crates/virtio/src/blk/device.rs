@@ -9,7 +9,9 @@ use virtio_queue::QueueT;
 use super::handler::{BlkHandler, BlkQueue};
 use super::request::RequestLimits;
 use super::*;
-use crate::device::{read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice};
+use crate::device::{
+    read_config_bytes, ActivateError, Activation, BackendValue, QueueHandler, VirtioDevice,
+};
 
 const CONFIG_LEN: usize = 0x3c;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -141,6 +143,23 @@ impl VirtioBlk {
 impl VirtioDevice for VirtioBlk {
     fn device_type(&self) -> u16 {
         VIRTIO_BLK_TYPE
+    }
+
+    fn backend(&self) -> Vec<(&'static str, BackendValue)> {
+        let image = &self.image;
+        vec![
+            (
+                "path",
+                BackendValue::Text(image.path().display().to_string()),
+            ),
+            ("size_bytes", BackendValue::Number(image.size_bytes())),
+            ("readonly", BackendValue::Flag(image.is_readonly())),
+            (
+                "direct",
+                BackendValue::Flag(image.direct_io_alignment().is_some()),
+            ),
+            ("engine", BackendValue::Text(self.engine.name().to_string())),
+        ]
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -10,7 +10,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::handler::NetHandler;
 use super::tap::NetBackend;
 use super::VIRTIO_NET_TYPE;
-use crate::device::{read_config_bytes, ActivateError, Activation, QueueHandler, VirtioDevice};
+use crate::device::{
+    read_config_bytes, ActivateError, Activation, BackendValue, QueueHandler, VirtioDevice,
+};
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -113,6 +115,17 @@ impl VirtioNet {
 impl VirtioDevice for VirtioNet {
     fn device_type(&self) -> u16 {
         VIRTIO_NET_TYPE
+    }
+
+    fn backend(&self) -> Vec<(&'static str, BackendValue)> {
+        let mac = self.options.mac.map(|b| format!("{b:02x}")).join(":");
+        vec![
+            ("mac", BackendValue::Text(mac)),
+            (
+                "queue_pairs",
+                BackendValue::Number(self.options.pairs.into()),
+            ),
+        ]
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

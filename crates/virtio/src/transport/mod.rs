@@ -349,6 +349,11 @@ impl VirtioPciDevice {
         self.device.device_type()
     }
 
+    /// What serves the device ([`VirtioDevice::backend`]).
+    pub fn backend(&self) -> Vec<(&'static str, crate::device::BackendValue)> {
+        self.device.backend()
+    }
+
     /// What refused this device's ioeventfd registration, while it is in sync mode for that.
     pub fn ioeventfd_refusal(&self) -> Option<&str> {
         self.notifier.refusal()
