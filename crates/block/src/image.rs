@@ -84,7 +84,7 @@ impl DiskImage {
         if !options.unlocked {
             match lock_whole_file_waiting(&file, options.readonly) {
                 Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                Err(e) if held_by_another(&e) => {
                     return Err(BlockError::Locked {
                         path,
                         readonly: options.readonly,
@@ -217,15 +217,18 @@ fn lock_whole_file_waiting(file: &File, readonly: bool) -> io::Result<()> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match lock_whole_file(file, readonly) {
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if held_by_another(&e) && Instant::now() < deadline => {
                 std::thread::sleep(LOCK_RETRY)
             }
             other => return other,
         }
     }
+}
+
+/// Whether a lock request failed because another open file description holds a conflicting
+/// lock (rather than because the file system has no such locks).
+fn held_by_another(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
 }
 
 /// Takes an open file description lock on all of `file`: shared for reading, exclusive for
