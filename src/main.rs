@@ -75,6 +75,16 @@ fn report_usage_error(e: clap::Error) -> i32 {
 }
 
 fn run(config: VmConfig) -> i32 {
+    if config.api_socket.is_none() {
+        if let Some(disk) = config.disks.iter().find(|d| d.pause_on_no_space) {
+            eprintln!(
+                "kickvm: error: --disk {}: enospc=pause needs --api-socket (the VM is resumed \
+                 through it once space is freed)",
+                disk.path.display()
+            );
+            return EXIT_USAGE;
+        }
+    }
     // Bound first: no other thread exists yet (the socket is created under a umask), and a
     // bad path is a usage error before anything is built.
     let api = match config

@@ -59,6 +59,8 @@ pub struct RunControl {
     state: RunState,
     /// When a `vm.shutdown` with a grace period ends a guest that did not power off.
     shutdown_deadline: Option<Instant>,
+    /// Why devices paused the VM (a disk out of host space), until it is resumed.
+    pause_reason: Option<String>,
 }
 
 impl Default for RunControl {
@@ -72,6 +74,7 @@ impl RunControl {
         Self {
             state: RunState::Running,
             shutdown_deadline: None,
+            pause_reason: None,
         }
     }
 
@@ -93,6 +96,27 @@ impl RunControl {
 
     pub fn state(&self) -> RunState {
         self.state
+    }
+
+    /// Devices asked for a pause (`reasons`): pause the VM, unless it is paused already, and
+    /// say why in `vm.info` until it is resumed.
+    pub fn pause_for_devices(&mut self, vm: &VmView, reasons: Vec<String>) {
+        if reasons.is_empty() {
+            return;
+        }
+        let reason = reasons.join("; ");
+        if self.state == RunState::Running {
+            let response = self.pause(vm);
+            if response.status != 204 {
+                log::warn!("pausing for {reason}: the pause was incomplete");
+            }
+            log::warn!("VM paused: {reason}; resume it (vm.resume) once that is resolved");
+        }
+        self.pause_reason = Some(match self.pause_reason.take() {
+            Some(earlier) if !earlier.contains(&reason) => format!("{earlier}; {reason}"),
+            Some(earlier) => earlier,
+            None => reason,
+        });
     }
 
     pub fn execute(&mut self, action: &VmAction, vm: &VmView) -> ApiResponse {
@@ -195,6 +219,7 @@ impl RunControl {
     }
 
     fn resume(&mut self, vm: &VmView) {
+        self.pause_reason = None;
         for (_, device) in vm.pci.devices() {
             device.lock().unwrap().resume();
         }
@@ -215,6 +240,7 @@ impl RunControl {
         let (presses, taken) = vm.ged.presses();
         json!({
             "state": self.state.name(),
+            "pause_reason": self.pause_reason,
             "vcpus": vm.vcpus.len(),
             "memory_bytes": memory_bytes,
             "devices": devices,

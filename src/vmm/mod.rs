@@ -375,6 +375,7 @@ impl Vm {
         const SIGNAL: u64 = 1;
         const STDIN: u64 = 2;
         const API: u64 = 3;
+        const PAUSE: u64 = 4;
         let epoll = Epoll::new().map_err(host_err("epoll_create"))?;
         let add = |fd: i32, token: u64| {
             epoll
@@ -394,6 +395,7 @@ impl Vm {
         if let Some(api) = &self.api {
             add(api.wake_fd(), API)?;
         }
+        add(self.pci.pause_requests().event_fd(), PAUSE)?;
         let mut run_control = crate::api::RunControl::new();
 
         let mut events = [EpollEvent::default(); 4];
@@ -428,6 +430,10 @@ impl Vm {
                     },
                     STDIN => self.forward_input(&epoll)?,
                     API => self.serve_api(&mut run_control, handles),
+                    PAUSE => {
+                        let reasons = self.pci.pause_requests().take();
+                        run_control.pause_for_devices(&self.api_view(handles), reasons);
+                    }
                     _ => {}
                 }
             }

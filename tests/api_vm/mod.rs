@@ -39,8 +39,6 @@ impl ApiVm {
         extra: &[&str],
     ) -> Self {
         common::require_kvm();
-        let dir = dir.to_path_buf();
-        let socket = socket.to_path_buf();
         let mut args: Vec<String> = vec![
             "run".into(),
             "--kernel".into(),
@@ -52,10 +50,28 @@ impl ApiVm {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = common::spawn_kickvm_with_queue_log(&args);
+        Self::adopt(child, dir, socket)
+    }
+
+    /// Runs `command` (which ends in kickvm with `--api-socket socket`, e.g. through
+    /// `unshare`), logging like [`ApiVm::start`]; waits for the socket.
+    pub fn start_command(mut command: std::process::Command, dir: &Path, socket: &Path) -> Self {
+        common::require_kvm();
+        let child = command
+            .env("RUST_LOG", "warn,kickvm_virtio=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start the command");
+        Self::adopt(child, dir, socket)
+    }
+
+    fn adopt(child: Child, dir: &Path, socket: &Path) -> Self {
         let mut vm = ApiVm {
             child: Some(child),
-            socket,
-            dir,
+            socket: socket.to_path_buf(),
+            dir: dir.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while UnixStream::connect(&vm.socket).is_err() {

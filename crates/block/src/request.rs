@@ -121,7 +121,7 @@ pub enum RequestKind {
 
 /// One block request. Read and Write move the bytes of `buffers` (in order) at `offset`;
 /// Discard and WriteZeroes cover `len` bytes at `offset`; Flush uses neither.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Request {
     pub kind: RequestKind,
     /// Byte offset into the image.

@@ -29,6 +29,7 @@ use crate::net::{
     IoeventfdPolicy, NetConfig, NetDeviceError, NetOptions, Tap, TapError, VirtioNet,
     DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
 };
+use crate::pause::PauseRequests;
 use crate::transport::{TransportError, TransportKind, TransportOptions, VirtioPciDevice};
 use crate::vhost_user::VhostUserBlk;
 
@@ -55,6 +56,8 @@ pub enum AttachError {
     },
     #[error("two devices are called `{0}`")]
     DuplicateId(String),
+    #[error("cannot create the pause-request eventfd: {0}")]
+    PauseEvent(std::io::Error),
     #[error(
         "disk {id}: {path} is already disk {other} of this VM; one image cannot back two disks"
     )]
@@ -116,6 +119,8 @@ pub struct PciDevices {
     devices: Vec<(String, SharedVirtioDevice)>,
     /// The images the disks opened, by identity, with the disk's id.
     images: Vec<(ImageIdentity, String)>,
+    /// Where devices ask the VMM to pause the VM.
+    pause_requests: Arc<PauseRequests>,
     disks: usize,
     nets: usize,
 }
@@ -188,9 +193,15 @@ impl PciDevices {
             options,
             devices: Vec::new(),
             images: Vec::new(),
+            pause_requests: Arc::new(PauseRequests::new().map_err(AttachError::PauseEvent)?),
             disks: 0,
             nets: 0,
         })
+    }
+
+    /// Where devices ask for the VM to be paused (the main loop watches it).
+    pub fn pause_requests(&self) -> &Arc<PauseRequests> {
+        &self.pause_requests
     }
 
     /// The GSI routing owner: anything else that needs MSI routes must go through it.
@@ -295,6 +306,9 @@ impl PciDevices {
                 queues: config.queues,
                 queue_size: config.queue_size,
                 engine: config.engine,
+                pause_on_no_space: config
+                    .pause_on_no_space
+                    .then(|| self.pause_requests.clone()),
             },
         )
         .map_err(|source| AttachError::Device {

@@ -1,5 +1,5 @@
 //! `--disk path=PATH[,readonly=on][,ioeventfd=on|off][,transport=transitional|modern|legacy]
-//! [,direct=on][,format=raw][,lock=on|off][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
+//! [,direct=on][,format=raw][,lock=on|off][,enospc=report|pause][,serial=ID][,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap]
 //! [,poll_us=N]` or `--disk socket=PATH[,ioeventfd=..][,transport=..][,queues=N][,id=..]
 //! [,queue_size=N]` (a vhost-user-blk backend) parsed into a [`BlkConfig`].
 
@@ -22,7 +22,7 @@ pub enum BlkConfigError {
     PathAndSocket,
     #[error("--disk: `{0}` does not apply to a vhost-user disk (socket=): the backend decides")]
     NotForVhostUser(String),
-    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, format, lock, serial, queues, id, queue_size, engine, poll_us)")]
+    #[error("--disk: unknown option `{0}` (known: path, socket, readonly, ioeventfd, transport, direct, format, lock, enospc, serial, queues, id, queue_size, engine, poll_us)")]
     UnknownOption(String),
     #[error("--disk: option `{0}` given twice")]
     Duplicate(String),
@@ -53,6 +53,9 @@ pub struct BlkConfig {
     pub declared_raw: bool,
     /// Lock the image while it is open (exclusive when writable, shared when read-only).
     pub lock: bool,
+    /// `enospc=pause`: a write the host has no space for pauses the VM (to be resumed once
+    /// space is freed) instead of failing in the guest.
+    pub pause_on_no_space: bool,
     pub serial: Option<String>,
     pub queues: u16,
     /// The device's name in reports and the control API; `disk<N>` by default.
@@ -73,6 +76,7 @@ impl Default for BlkConfig {
             direct: false,
             declared_raw: false,
             lock: true,
+            pause_on_no_space: false,
             serial: None,
             queues: 1,
             id: None,
@@ -121,6 +125,13 @@ impl FromStr for BlkConfig {
                 "direct" => config.direct = on_off(key, value)?,
                 "format" if value == "raw" => config.declared_raw = true,
                 "lock" => config.lock = on_off(key, value)?,
+                "enospc" => {
+                    config.pause_on_no_space = match value {
+                        "report" => false,
+                        "pause" => true,
+                        _ => return Err(bad(key, value, "report or pause")),
+                    }
+                }
                 "format" => return Err(bad(key, value, "raw (the only format kickvm serves)")),
                 "transport" => {
                     config.transport = value
@@ -175,8 +186,8 @@ impl FromStr for BlkConfig {
             if seen.contains(&"path") {
                 return Err(BlkConfigError::PathAndSocket);
             }
-            const BACKEND_OPTIONS: [&str; 7] = [
-                "readonly", "direct", "format", "lock", "serial", "engine", "poll_us",
+            const BACKEND_OPTIONS: [&str; 8] = [
+                "readonly", "direct", "format", "lock", "enospc", "serial", "engine", "poll_us",
             ];
             if let Some(option) = seen.iter().find(|k| BACKEND_OPTIONS.contains(k)) {
                 return Err(BlkConfigError::NotForVhostUser(option.to_string()));
@@ -209,11 +220,13 @@ mod tests {
     #[test]
     fn every_option_is_parsed() {
         let c: BlkConfig = "path=/a.img,readonly=on,ioeventfd=off,transport=legacy,direct=on,\
-                            format=raw,lock=off,serial=SN1,queues=2,id=boot,queue_size=128,engine=sync,\
+                            format=raw,lock=off,enospc=pause,serial=SN1,queues=2,id=boot,\
+                            queue_size=128,engine=sync,\
                             poll_us=0"
             .parse()
             .unwrap();
         assert!(c.readonly && !c.ioeventfd && c.direct && c.declared_raw && !c.lock);
+        assert!(c.pause_on_no_space);
         assert_eq!(c.transport, TransportKind::Legacy);
         assert_eq!(c.serial.as_deref(), Some("SN1"));
         assert_eq!((c.queues, c.queue_size, c.poll_us), (2, 128, 0));

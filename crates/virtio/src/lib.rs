@@ -11,6 +11,7 @@ pub mod io_thread;
 pub mod ioevent;
 pub mod net;
 pub mod notifier;
+pub mod pause;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;

@@ -12,6 +12,7 @@ use super::*;
 use crate::device::{
     read_config_bytes, ActivateError, Activation, BackendValue, QueueHandler, VirtioDevice,
 };
+use crate::pause::PauseRequests;
 
 const CONFIG_LEN: usize = 0x3c;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -32,6 +33,9 @@ pub struct BlkOptions {
     pub queues: u16,
     pub queue_size: u16,
     pub engine: EngineKind,
+    /// `enospc=pause`: a write the host file system has no space for is held and the VM
+    /// paused through these, rather than answered IOERR.
+    pub pause_on_no_space: Option<Arc<PauseRequests>>,
 }
 
 impl Default for BlkOptions {
@@ -41,6 +45,7 @@ impl Default for BlkOptions {
             queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
             engine: EngineKind::Auto,
+            pause_on_no_space: None,
         }
     }
 }
@@ -53,6 +58,7 @@ pub struct VirtioBlk {
     config: [u8; CONFIG_LEN],
     limits: RequestLimits,
     handler: Option<Arc<BlkHandler>>,
+    pause_on_no_space: Option<Arc<PauseRequests>>,
 }
 
 impl VirtioBlk {
@@ -132,6 +138,7 @@ impl VirtioBlk {
             },
             image,
             handler: None,
+            pause_on_no_space: options.pause_on_no_space,
         })
     }
 
@@ -199,6 +206,9 @@ impl VirtioDevice for VirtioBlk {
             activation.counters,
             self.limits.clone(),
             queues,
+            self.pause_on_no_space
+                .clone()
+                .map(|requests| (requests, self.image.path().display().to_string())),
         ));
         self.handler = Some(handler.clone());
         Ok(handler)

@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kickvm_block::{BlockEngine, Completion};
+use kickvm_block::{BlockEngine, BlockError, Completion, Request, RequestKind};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -19,6 +19,7 @@ use super::request::{parse, Parsed, RequestLimits};
 use super::*;
 use crate::counters::QueueCounters;
 use crate::device::{QueueHandler, VirtioInterrupt};
+use crate::pause::PauseRequests;
 
 /// Requests taken from the ring before those finished so far are returned to the driver.
 /// Page-cache hits complete inside the engine's commit, so a whole ring's worth in one commit
@@ -40,6 +41,9 @@ const NOTIFY_CHUNK: usize = 16;
 struct InFlight {
     status: GuestAddress,
     used_len: u32,
+    /// A copy of a write, write-zeroes or flush, kept to make it again if the host file
+    /// system is full (only when the disk pauses the VM for that).
+    retry: Option<Request>,
 }
 
 pub struct BlkQueue {
@@ -50,6 +54,8 @@ pub struct BlkQueue {
     completions: Vec<Completion>,
     /// The driver broke the ring; nothing more is taken from it until reset.
     broken: bool,
+    /// Heads of requests that failed for want of space, made again on resume.
+    held: Vec<u16>,
 }
 
 impl BlkQueue {
@@ -59,6 +65,7 @@ impl BlkQueue {
             queue,
             engine,
             in_flight: (0..size).map(|_| None).collect(),
+            held: Vec::new(),
             completions: Vec::with_capacity(size),
             broken: false,
         }
@@ -76,6 +83,13 @@ pub struct BlkHandler {
     in_flight: Vec<AtomicUsize>,
     /// VM paused: requests in flight complete, nothing new is taken from the rings.
     paused: AtomicBool,
+    /// `enospc=pause`: where to ask for the pause, and the image's name for the reason.
+    pause_on_no_space: Option<(Arc<PauseRequests>, String)>,
+}
+
+/// A request that failed because the host file system (or the user's quota) is full.
+fn is_no_space(e: &BlockError) -> bool {
+    matches!(e, BlockError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 enum Outcome {
@@ -90,6 +104,7 @@ impl BlkHandler {
         counters: Arc<[QueueCounters]>,
         limits: RequestLimits,
         queues: Vec<Option<BlkQueue>>,
+        pause_on_no_space: Option<(Arc<PauseRequests>, String)>,
     ) -> Self {
         let completion_fds = queues
             .iter()
@@ -105,6 +120,7 @@ impl BlkHandler {
             completion_fds,
             in_flight,
             paused: AtomicBool::new(false),
+            pause_on_no_space,
         }
     }
 
@@ -226,11 +242,17 @@ impl BlkHandler {
                         used_len,
                     } => {
                         let bytes = request.byte_len();
+                        let retry = (self.pause_on_no_space.is_some()
+                            && request.kind != RequestKind::Read)
+                            .then(|| request.clone());
                         match state.engine.submit(request) {
                             Ok(()) => {
                                 QueueCounters::add(&counters.bytes, bytes);
-                                state.in_flight[usize::from(head)] =
-                                    Some(InFlight { status, used_len });
+                                state.in_flight[usize::from(head)] = Some(InFlight {
+                                    status,
+                                    used_len,
+                                    retry,
+                                });
                                 submitted = true;
                                 unreaped += 1;
                             }
@@ -323,8 +345,21 @@ impl BlkHandler {
         let mut completions = std::mem::take(&mut state.completions);
         state.engine.reap(&mut completions);
         let mut used = 0;
+        let mut held_now = 0;
         for completion in completions.drain(..) {
             let head = completion.user_data as usize;
+            if self.pause_on_no_space.is_some()
+                && completion.result.as_ref().is_err_and(is_no_space)
+                && state
+                    .in_flight
+                    .get(head)
+                    .is_some_and(|f| f.as_ref().is_some_and(|f| f.retry.is_some()))
+            {
+                // Kept in flight: the guest hears nothing until it is made again.
+                state.held.push(head as u16);
+                held_now += 1;
+                continue;
+            }
             let Some(in_flight) = state.in_flight.get_mut(head).and_then(Option::take) else {
                 log::error!("virtio-blk: completion for unknown head {head}");
                 continue;
@@ -352,7 +387,61 @@ impl BlkHandler {
             used += 1;
         }
         state.completions = completions;
+        if held_now > 0 {
+            if let Some((requests, image)) = &self.pause_on_no_space {
+                log::warn!(
+                    "{image}: no space left on the host for {held_now} write(s); pausing the VM \
+                     (free space, then resume it: they are made again)"
+                );
+                requests.request(format!("{image}: no space left on device"));
+            }
+        }
         used
+    }
+
+    /// Makes again the requests held for want of space (on resume). A request the engine
+    /// refuses now is answered IOERR.
+    fn retry_held(&self, index: usize) {
+        let Some(slot) = self.queues.get(index) else {
+            return;
+        };
+        let mut guard = slot.lock().unwrap();
+        let Some(state) = guard.as_mut() else {
+            return;
+        };
+        if state.held.is_empty() {
+            return;
+        }
+        let mut used = 0;
+        for head in std::mem::take(&mut state.held) {
+            let retry = state.in_flight[usize::from(head)]
+                .as_ref()
+                .and_then(|f| f.retry.clone());
+            let refused = match retry {
+                Some(request) => state.engine.submit(request).err(),
+                None => continue,
+            };
+            if let Some(e) = refused {
+                log::debug!("virtio-blk chain {head}: engine refused the retry: {e}");
+                if let Some(in_flight) = state.in_flight[usize::from(head)].take() {
+                    if self
+                        .complete(state, head, in_flight.status, VIRTIO_BLK_S_IOERR, 1)
+                        .is_some()
+                    {
+                        state.broken = true;
+                    }
+                    used += 1;
+                }
+            }
+        }
+        if let Err(e) = state.engine.commit() {
+            log::error!("virtio-blk: engine failed: {e}");
+        }
+        used += self.reap(state);
+        self.in_flight[index].store(state.engine.in_flight(), Ordering::Relaxed);
+        if used > 0 {
+            self.notify_guest(state, index, &self.counters[index]);
+        }
     }
 }
 
@@ -398,6 +487,11 @@ impl QueueHandler for BlkHandler {
         // A run that started before the flag was set finishes before this returns.
         for queue in &self.queues {
             drop(queue.lock().unwrap());
+        }
+        if !paused {
+            for index in 0..self.queues.len() {
+                self.retry_held(index);
+            }
         }
     }
 }

@@ -106,6 +106,7 @@ fn disk(mem: &GuestMemoryMmap, queues: Vec<Queue>, readonly: bool, serial: Optio
             queues: num_queues,
             queue_size: QUEUE_LEN,
             engine: EngineKind::Sync,
+            pause_on_no_space: None,
         },
     )
     .unwrap();
