@@ -138,10 +138,12 @@ pub struct RunArgs {
     /// A virtio-blk disk on a raw image; repeatable. `path=PATH[,readonly=on]
     /// [,ioeventfd=on|off][,transport=transitional|modern|legacy][,direct=on][,serial=ID]
     /// [,queues=N][,id=NAME][,queue_size=N][,engine=auto|io_uring|threads|sync|mmap][,poll_us=N]
-    /// [,format=raw][,lock=off]`. ioeventfd=on (default): kicks go to the disk's I/O thread
-    /// without a userspace exit. An image that starts with a qcow2, VMDK, VHDX, VDI, QED or LUKS
-    /// header is refused unless `format=raw` declares it raw; one another process has locked
-    /// (another VM) is refused unless `lock=off`.
+    /// [,format=raw][,lock=off][,enospc=report|pause]`. ioeventfd=on (default): kicks go to
+    /// the disk's I/O thread without a userspace exit. An image that starts with a qcow2, VMDK,
+    /// VHDX, VDI, QED or LUKS header is refused unless `format=raw` declares it raw; one another
+    /// process has locked (another VM) is refused unless `lock=off`. `enospc=pause` (with
+    /// --api-socket): a write the host file system has no room for pauses the VM until space
+    /// is freed and it is resumed, instead of failing in the guest.
     /// Or `socket=PATH[,ioeventfd=..][,transport=..][,queues=N][,id=..][,queue_size=N]`: a
     /// vhost-user-blk backend serves the queues (the kick goes from KVM straight to it).
     #[arg(long, value_name = "path=PATH,... | socket=PATH,...")]
