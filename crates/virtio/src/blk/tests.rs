@@ -576,3 +576,135 @@ fn paused_queue_completes_nothing_new_and_takes_it_after_resume() {
     assert_eq!(used_idx(&mem, &mock), 1);
     assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
 }
+
+/// An engine whose writes fail with ENOSPC while `full` is set; otherwise every request
+/// succeeds at once. It records the requests it was given.
+struct FullDiskEngine {
+    full: Arc<AtomicBool>,
+    submitted: Arc<Mutex<Vec<kickvm_block::RequestKind>>>,
+    ready: Vec<kickvm_block::Completion>,
+    eventfd: EventFd,
+}
+
+impl kickvm_block::BlockEngine for FullDiskEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Sync
+    }
+    fn submit(&mut self, request: kickvm_block::Request) -> Result<(), kickvm_block::BlockError> {
+        self.submitted.lock().unwrap().push(request.kind);
+        let result = if request.kind != kickvm_block::RequestKind::Read
+            && self.full.load(Ordering::SeqCst)
+        {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into())
+        } else {
+            Ok(request.byte_len() as u32)
+        };
+        self.ready.push(kickvm_block::Completion {
+            user_data: request.user_data,
+            result,
+        });
+        Ok(())
+    }
+    fn commit(&mut self) -> Result<(), kickvm_block::BlockError> {
+        Ok(())
+    }
+    fn completion_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.eventfd)
+    }
+    fn reap(&mut self, out: &mut Vec<kickvm_block::Completion>) {
+        out.append(&mut self.ready);
+    }
+    fn in_flight(&self) -> usize {
+        self.ready.len()
+    }
+    fn depth(&self) -> usize {
+        usize::from(QUEUE_LEN)
+    }
+}
+
+/// A handler over one queue holding a 512-byte write to sector 3, served by a
+/// [`FullDiskEngine`] that starts full; returns the handler, the engine's switch and log.
+fn handler_over_a_full_disk(
+    mem: &GuestMemoryMmap,
+    mock: &MockSplitQueue<GuestMemoryMmap>,
+    interrupt: Arc<MockInterrupt>,
+    pause: Option<Arc<crate::pause::PauseRequests>>,
+) -> (
+    handler::BlkHandler,
+    Arc<AtomicBool>,
+    Arc<Mutex<Vec<kickvm_block::RequestKind>>>,
+) {
+    header(mem, HDR, VIRTIO_BLK_T_OUT, 3);
+    mock.add_desc_chains(&request(0, 512, 0), 0).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let full = Arc::new(AtomicBool::new(true));
+    let submitted = Arc::new(Mutex::new(Vec::new()));
+    let engine = FullDiskEngine {
+        full: full.clone(),
+        submitted: submitted.clone(),
+        ready: Vec::new(),
+        eventfd: EventFd::new(EFD_NONBLOCK).unwrap(),
+    };
+    let handler = handler::BlkHandler::new(
+        mem.clone(),
+        interrupt,
+        (0..1).map(|_| QueueCounters::default()).collect(),
+        request::RequestLimits {
+            capacity_bytes: IMAGE_SECTORS * 512,
+            readonly: false,
+            serial: [0; VIRTIO_BLK_ID_BYTES],
+            seg_max: 8,
+            discard: false,
+            write_zeroes: false,
+        },
+        vec![Some(handler::BlkQueue::new(
+            mock.create_queue().unwrap(),
+            Box::new(engine),
+        ))],
+        pause.map(|p| (p, "disk.img".to_string())),
+    );
+    (handler, full, submitted)
+}
+
+#[test]
+fn a_write_without_host_space_is_an_ioerr_by_default() {
+    let mem = guest_memory(0x40_0000);
+    let mock = setup(&mem);
+    let interrupt = Arc::new(MockInterrupt::default());
+    let (handler, _, _) = handler_over_a_full_disk(&mem, &mock, interrupt, None);
+    handler.process_queue(0);
+    assert_eq!(used_idx(&mem, &mock), 1);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn a_write_without_host_space_is_held_the_vm_asked_to_pause_and_made_again_on_resume() {
+    let mem = guest_memory(0x40_0000);
+    let mock = setup(&mem);
+    let interrupt = Arc::new(MockInterrupt::default());
+    let pause = Arc::new(crate::pause::PauseRequests::new().unwrap());
+    let (handler, full, submitted) =
+        handler_over_a_full_disk(&mem, &mock, interrupt.clone(), Some(pause.clone()));
+    handler.process_queue(0);
+    assert_eq!(used_idx(&mem, &mock), 0, "the failed write is not answered");
+    assert_eq!(status(&mem, 0), 0xff);
+    assert_eq!(pause.take(), ["disk.img: no space left on device"]);
+    // Paused and resumed while the disk is still full: made again, held again.
+    handler.set_paused(true);
+    handler.set_paused(false);
+    assert_eq!(used_idx(&mem, &mock), 0);
+    assert_eq!(pause.take().len(), 1, "asked again");
+    // Space freed: the resume makes it again and it completes.
+    full.store(false, Ordering::SeqCst);
+    handler.set_paused(true);
+    handler.set_paused(false);
+    assert_eq!(used_idx(&mem, &mock), 1);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    assert!(pause.take().is_empty());
+    assert_eq!(interrupt.queue_signals.lock().unwrap().len(), 1);
+    assert_eq!(
+        submitted.lock().unwrap().len(),
+        3,
+        "the write was submitted three times"
+    );
+}
