@@ -146,6 +146,15 @@ fn assert_verified(output: &RunOutput, disks: usize) -> HashMap<String, String> 
     result
 }
 
+/// The guest's `DISK index=0 ...` line.
+fn first_disk_line<'a>(output: &'a RunOutput, what: &str) -> &'a str {
+    output
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("DISK index=0 "))
+        .unwrap_or_else(|| panic!("{what}: no DISK line\n{output}"))
+}
+
 /// The exit summary's counters for `device`, one map per queue in queue order.
 fn queue_summaries(output: &RunOutput, device: &str) -> Vec<HashMap<String, String>> {
     let mut queues: Vec<(usize, HashMap<String, String>)> = exit_queue_counters(&output.stderr)
@@ -229,11 +238,7 @@ fn blk_verify_passes_on_both_transports_with_ioeventfd_on_and_off_polled_and_by_
                         "{what}: polling waits for no interrupt and gets none"
                     );
                 }
-                let disk_line = output
-                    .stdout
-                    .lines()
-                    .find(|l| l.starts_with("DISK index=0 "))
-                    .unwrap_or_else(|| panic!("{what}: no DISK line\n{output}"));
+                let disk_line = first_disk_line(&output, &what);
                 assert!(
                     disk_line.contains(&format!("transport={transport} ")),
                     "{what}: {disk_line}"
@@ -331,11 +336,7 @@ fn a_guest_that_moves_the_bars_keeps_its_ioeventfd_kicks_and_interrupts() {
                 result["interrupts"], "0",
                 "{what}: MSI-X interrupts\n{output}"
             );
-            let disk_line = output
-                .stdout
-                .lines()
-                .find(|l| l.starts_with("DISK index=0 "))
-                .unwrap_or_else(|| panic!("{what}: no DISK line\n{output}"));
+            let disk_line = first_disk_line(&output, &what);
             let regs = disk_line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("regs="))
