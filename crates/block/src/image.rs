@@ -52,6 +52,8 @@ pub struct DiskImage {
     /// `FALLOC_FL_ZERO_RANGE` is tried first and forgotten once the file system refuses it, so
     /// later write-zeroes go straight to the fallback.
     zero_range: AtomicBool,
+    /// The lock [`DiskImage::open`] took, released by hand on drop.
+    locked: bool,
 }
 
 impl DiskImage {
@@ -81,9 +83,10 @@ impl DiskImage {
         if !file_type.is_file() && !file_type.is_block_device() {
             return Err(BlockError::NotAnImage { path });
         }
+        let mut locked = false;
         if !options.unlocked {
             match lock_whole_file_waiting(&file, options.readonly) {
-                Ok(()) => {}
+                Ok(()) => locked = true,
                 Err(e) if held_by_another(&e) => {
                     return Err(BlockError::Locked {
                         path,
@@ -126,6 +129,7 @@ impl DiskImage {
             direct,
             discard,
             zero_range: AtomicBool::new(true),
+            locked,
         })
     }
 
@@ -206,6 +210,23 @@ fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, BlockError> {
     Ok(block.0[..read.min(PROBE_BYTES)].to_vec())
 }
 
+impl Drop for DiskImage {
+    fn drop(&mut self) {
+        // Closing the file would release the lock only once every reference to the open file
+        // description is gone, and an io_uring instance keeps one until the kernel has torn it
+        // down, 15-30 ms after its last fd closed: a VM started on the image right after this
+        // one ended (QEMU as well) would find it still locked.
+        if self.locked {
+            if let Err(e) = set_lock(&self.file, libc::F_UNLCK) {
+                log::warn!(
+                    "{}: cannot release the image lock: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
 /// How long a held lock is asked for again before the open is refused: a VM killed just now
 /// still holds its lock until the kernel tears down its io_uring, after the process is gone
 /// (15-30 ms measured here).
@@ -233,14 +254,23 @@ fn held_by_another(e: &io::Error) -> bool {
 
 /// Takes an open file description lock on all of `file`: shared for reading, exclusive for
 /// writing. It goes with the file description, so it lasts until the image is dropped.
-fn lock_whole_file(file: &File, readonly: bool) -> io::Result<()> {
+pub(crate) fn lock_whole_file(file: &File, readonly: bool) -> io::Result<()> {
+    set_lock(
+        file,
+        if readonly {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        },
+    )
+}
+
+/// Sets the open file description lock on all of `file` to `kind` (`F_RDLCK`, `F_WRLCK` or
+/// `F_UNLCK`), without waiting.
+fn set_lock(file: &File, kind: libc::c_int) -> io::Result<()> {
     // SAFETY: flock is plain old data; all-zero is a valid value (l_pid must be 0 for OFD locks).
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = if readonly {
-        libc::F_RDLCK
-    } else {
-        libc::F_WRLCK
-    } as libc::c_short;
+    lock.l_type = kind as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     // l_start 0, l_len 0: from the start to the end of the file, however it grows.
     // SAFETY: the fd is open and `lock` is a valid flock the call only reads.
