@@ -218,8 +218,20 @@ fn info_names_each_device_with_its_transport_and_each_queue_with_its_notify_mode
     );
     assert_eq!(backend["size_bytes"], 1u64 << 20, "{backend}");
     assert_eq!(
-        (&backend["readonly"], &backend["direct"], &backend["engine"]),
-        (&json!(false), &json!(false), &json!("auto")),
+        (
+            &backend["readonly"],
+            &backend["direct"],
+            &backend["engine"],
+            &backend["locked"],
+            &backend["enospc"],
+        ),
+        (
+            &json!(false),
+            &json!(false),
+            &json!("auto"),
+            &json!(true),
+            &json!("report")
+        ),
         "{backend}"
     );
     let data = &devices[1];

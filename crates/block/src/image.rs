@@ -142,6 +142,12 @@ impl DiskImage {
         self.readonly
     }
 
+    /// Whether this image holds its lock (not with `lock=off`, nor on a file system without
+    /// such locks).
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
     /// `Some` when opened with `O_DIRECT`: the alignment every request must keep.
     pub fn direct_io_alignment(&self) -> Option<DirectIoAlignment> {
         self.direct

@@ -166,6 +166,18 @@ impl VirtioDevice for VirtioBlk {
                 BackendValue::Flag(image.direct_io_alignment().is_some()),
             ),
             ("engine", BackendValue::Text(self.engine.name().to_string())),
+            ("locked", BackendValue::Flag(image.is_locked())),
+            (
+                "enospc",
+                BackendValue::Text(
+                    if self.pause_on_no_space.is_some() {
+                        "pause"
+                    } else {
+                        "report"
+                    }
+                    .to_string(),
+                ),
+            ),
         ]
     }
 
