@@ -146,6 +146,25 @@ fn assert_verified(output: &RunOutput, disks: usize) -> HashMap<String, String> 
     result
 }
 
+/// blk-verify with `seed` on a fresh 8 MiB image `name` (`--disk` options `options`, guest
+/// words `guest`, kickvm arguments `vm_args` before the disk), asserted clean; returns the run,
+/// its RESULT fields and the image, for the pattern check.
+fn verify_fresh_disk(
+    scratch: &Scratch,
+    name: &str,
+    seed: u64,
+    options: &str,
+    guest: &str,
+    vm_args: &[&str],
+) -> (RunOutput, HashMap<String, String>, PathBuf) {
+    let image = scratch.image(name, 8 * MIB);
+    let mut args: Vec<String> = vm_args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--disk".into(), disk_arg(&image, options)]);
+    let output = run_guest(&format!("workload=blk-verify seed={seed} {guest}"), &args);
+    let result = assert_verified(&output, 1);
+    (output, result, image)
+}
+
 /// The guest's `DISK index=0 ...` line.
 fn first_disk_line<'a>(output: &'a RunOutput, what: &str) -> &'a str {
     output
@@ -207,21 +226,14 @@ fn blk_verify_passes_on_both_transports_with_ioeventfd_on_and_off_polled_and_by_
                     "transport={transport} ioeventfd={} completion={completion}",
                     if ioeventfd { "on" } else { "off" }
                 );
-                let image = scratch.image(
+                let (output, result, image) = verify_fresh_disk(
+                    &scratch,
                     &format!("{transport}-{ioeventfd}-{completion}.img"),
-                    8 * MIB,
-                );
-                let disk = disk_arg(
-                    &image,
+                    seed,
                     &format!("ioeventfd={}", if ioeventfd { "on" } else { "off" }),
+                    &format!("transport={transport} completion={completion}"),
+                    &[],
                 );
-                let output = run_guest(
-                    &format!(
-                        "workload=blk-verify seed={seed} transport={transport} completion={completion}"
-                    ),
-                    &["--disk".into(), disk],
-                );
-                let result = assert_verified(&output, 1);
                 assert_eq!(result["transport"], transport, "{what}\n{output}");
                 assert_eq!(result["completion"], completion, "{what}\n{output}");
                 assert_eq!(result["blocks"], (8 * MIB / 512).to_string(), "{what}");
@@ -273,18 +285,14 @@ fn blk_verify_passes_by_intx_interrupts_on_both_transports_with_ioeventfd_on_and
         for ioeventfd in ["on", "off"] {
             seed += 1;
             let what = format!("transport={transport} ioeventfd={ioeventfd}");
-            let image = scratch.image(&format!("{transport}-{ioeventfd}.img"), 8 * MIB);
-            let disk = disk_arg(
-                &image,
+            let (output, result, image) = verify_fresh_disk(
+                &scratch,
+                &format!("{transport}-{ioeventfd}.img"),
+                seed,
                 &format!("ioeventfd={ioeventfd},queues=2,transport={transport}"),
+                &format!("transport={transport} completion=irq irq=intx"),
+                &["--cpus", "2"],
             );
-            let output = run_guest(
-                &format!(
-                    "workload=blk-verify seed={seed} transport={transport} completion=irq irq=intx"
-                ),
-                &["--cpus".into(), "2".into(), "--disk".into(), disk],
-            );
-            let result = assert_verified(&output, 1);
             assert_eq!(result["irq"], "intx", "{what}\n{output}");
             let taken: u64 = result["interrupts"].parse().unwrap();
             let queues = queue_summaries(&output, "disk0");
@@ -318,20 +326,14 @@ fn a_guest_that_moves_the_bars_keeps_its_ioeventfd_kicks_and_interrupts() {
         for bars in ["keep", "move"] {
             seed += 1;
             let what = format!("transport={transport} bars={bars}");
-            let image = scratch.image(&format!("{transport}-{bars}.img"), 8 * MIB);
-            let output = run_guest(
-                &format!(
-                    "workload=blk-verify seed={seed} transport={transport} completion=irq \
-                     bars={bars}"
-                ),
-                &[
-                    "--cpus".into(),
-                    "2".into(),
-                    "--disk".into(),
-                    disk_arg(&image, &format!("queues=2,transport={transport}")),
-                ],
+            let (output, result, image) = verify_fresh_disk(
+                &scratch,
+                &format!("{transport}-{bars}.img"),
+                seed,
+                &format!("queues=2,transport={transport}"),
+                &format!("transport={transport} completion=irq bars={bars}"),
+                &["--cpus", "2"],
             );
-            let result = assert_verified(&output, 1);
             assert_ne!(
                 result["interrupts"], "0",
                 "{what}: MSI-X interrupts\n{output}"
