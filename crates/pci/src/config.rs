@@ -29,7 +29,7 @@ const BAR_IO_FLAG: u32 = 0x1;
 const BAR_MEM64_FLAG: u32 = 0x4;
 
 /// What a BAR decodes. A 64-bit memory BAR takes two BAR slots (index and index + 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BarKind {
     Io,
     Mem32,
@@ -54,6 +54,43 @@ pub enum ConfigError {
     BarSize(u64),
     #[error("capability of {0} bytes does not fit in configuration space")]
     CapabilityTooLarge(usize),
+    #[error("the snapshot's configuration space is {0} bytes, not {CONFIG_SIZE}")]
+    SnapshotSize(usize),
+    #[error("the snapshot is of PCI function {saved}, this is {actual} (vendor:device)")]
+    SnapshotIdentity { saved: String, actual: String },
+    #[error("the snapshot's BARs are {saved}, this function's are {actual}")]
+    SnapshotBars { saved: String, actual: String },
+}
+
+/// A BAR as the guest left it, for a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BarSnapshot {
+    pub index: usize,
+    pub kind: BarKind,
+    pub size: u64,
+    /// Where the buses answer for it (the guest may have moved it).
+    pub address: u64,
+    /// The guest was sizing it (its last write to a half was all ones).
+    pub sizing: [bool; 2],
+}
+
+/// A function's whole configuration space and BAR layout, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigSnapshot {
+    /// All 256 bytes: header, BAR registers, command, capabilities (MSI-X message control).
+    pub bytes: Vec<u8>,
+    pub bars: Vec<BarSnapshot>,
+}
+
+fn describe_bars(bars: impl Iterator<Item = (usize, BarKind, u64)>) -> String {
+    let list: Vec<String> = bars
+        .map(|(index, kind, size)| format!("{index}:{kind:?}/{size:#x}"))
+        .collect();
+    if list.is_empty() {
+        "none".to_string()
+    } else {
+        list.join(" ")
+    }
 }
 
 /// The identity of a function, as firmware and drivers see it.
@@ -97,6 +134,7 @@ impl Bar {
     }
 }
 
+#[derive(Clone)]
 pub struct PciConfiguration {
     bytes: [u8; CONFIG_SIZE],
     writable: [u8; CONFIG_SIZE],
@@ -242,6 +280,80 @@ impl PciConfiguration {
         if let Some(bar) = self.bars[moved.bar].as_mut() {
             bar.mapped = moved.new;
         }
+    }
+
+    pub fn snapshot(&self) -> ConfigSnapshot {
+        ConfigSnapshot {
+            bytes: self.bytes.to_vec(),
+            bars: self
+                .bars
+                .iter()
+                .enumerate()
+                .filter_map(|(index, bar)| {
+                    bar.map(|b| BarSnapshot {
+                        index,
+                        kind: b.kind,
+                        size: b.size,
+                        address: b.mapped,
+                        sizing: b.sizing,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes back the bytes of a snapshot of this same function (same identity and BAR layout:
+    /// built from the same options). The BARs stay mapped where they are: the returned moves,
+    /// one per BAR the snapshot has elsewhere, go through the caller's buses and
+    /// [`Self::commit_bar_move`] exactly as a guest's BAR write does.
+    pub fn restore(&mut self, snapshot: &ConfigSnapshot) -> Result<Vec<BarReprogram>, ConfigError> {
+        if snapshot.bytes.len() != CONFIG_SIZE {
+            return Err(ConfigError::SnapshotSize(snapshot.bytes.len()));
+        }
+        let identity = |b: &[u8]| {
+            format!(
+                "{:04x}:{:04x}",
+                u16::from_le_bytes([b[0], b[1]]),
+                u16::from_le_bytes([b[2], b[3]])
+            )
+        };
+        if snapshot.bytes[..4] != self.bytes[..4] {
+            return Err(ConfigError::SnapshotIdentity {
+                saved: identity(&snapshot.bytes),
+                actual: identity(&self.bytes),
+            });
+        }
+        let layout: Vec<_> = self
+            .bars()
+            .map(|(i, kind, size, _)| (i, kind, size))
+            .collect();
+        let saved: Vec<_> = snapshot
+            .bars
+            .iter()
+            .map(|b| (b.index, b.kind, b.size))
+            .collect();
+        if layout != saved {
+            return Err(ConfigError::SnapshotBars {
+                saved: describe_bars(saved.into_iter()),
+                actual: describe_bars(layout.into_iter()),
+            });
+        }
+        self.bytes.copy_from_slice(&snapshot.bytes);
+        let mut moves = Vec::new();
+        for saved in &snapshot.bars {
+            let bar = self.bars[saved.index].as_mut().expect("layout checked");
+            bar.sizing = saved.sizing;
+            if bar.mapped != saved.address {
+                moves.push(BarReprogram {
+                    bar: saved.index,
+                    kind: bar.kind,
+                    old: bar.mapped,
+                    new: saved.address,
+                    len: bar.size,
+                });
+            }
+        }
+        Ok(moves)
     }
 
     /// Appends a capability. `body` starts with the capability id; its next pointer (byte 1) is
@@ -413,6 +525,69 @@ mod tests {
         assert_eq!(write32(&mut c, 0x20, 0xc001_0000), None);
         assert_eq!(write32(&mut c, 0x24, 0), None);
         assert_eq!(c.bar_address(4), Some(0xc001_0000));
+    }
+
+    #[test]
+    fn restoring_a_snapshot_brings_back_every_byte_and_reports_moved_bars() {
+        let mut c = config();
+        c.add_bar(0, 0x40, BarKind::Io).unwrap();
+        c.add_bar(4, 0x4000, BarKind::Mem64).unwrap();
+        c.set_bar_address(0, 0xc000);
+        c.set_bar_address(4, 0xc001_0000);
+        c.enable_command(COMMAND_IO | COMMAND_MEMORY);
+        let moved = write32(&mut c, 0x20, 0xd000_0000).unwrap();
+        c.commit_bar_move(&moved);
+        write32(&mut c, 0x3c, 0x0a);
+        let saved = c.snapshot();
+
+        let mut fresh = config();
+        fresh.add_bar(0, 0x40, BarKind::Io).unwrap();
+        fresh.add_bar(4, 0x4000, BarKind::Mem64).unwrap();
+        fresh.set_bar_address(0, 0xc000);
+        fresh.set_bar_address(4, 0xc001_0000);
+        let moves = fresh.restore(&saved).unwrap();
+        assert_eq!(
+            moves,
+            vec![BarReprogram {
+                bar: 4,
+                kind: BarKind::Mem64,
+                old: 0xc001_0000,
+                new: 0xd000_0000,
+                len: 0x4000
+            }]
+        );
+        assert_eq!(fresh.bar_address(4), Some(0xc001_0000), "until committed");
+        fresh.commit_bar_move(&moves[0]);
+        assert_eq!(fresh.snapshot(), saved);
+        assert_eq!(fresh.read_reg(8), 0xd000_0004);
+        assert_eq!(fresh.command(), COMMAND_IO | COMMAND_MEMORY);
+    }
+
+    #[test]
+    fn a_snapshot_of_another_layout_or_function_is_refused_untouched() {
+        let mut c = config();
+        c.add_bar(0, 0x40, BarKind::Io).unwrap();
+        let saved = c.snapshot();
+        let mut other = config();
+        other.add_bar(0, 0x80, BarKind::Io).unwrap();
+        assert!(matches!(
+            other.restore(&saved),
+            Err(ConfigError::SnapshotBars { .. })
+        ));
+        let mut other = PciConfiguration::new(&PciHeader {
+            vendor_id: 0x1af4,
+            device_id: 0x1041,
+            ..Default::default()
+        });
+        other.add_bar(0, 0x40, BarKind::Io).unwrap();
+        assert!(matches!(
+            other.restore(&saved),
+            Err(ConfigError::SnapshotIdentity { .. })
+        ));
+        assert_eq!(other.device_id(), 0x1041);
+        let mut short = saved.clone();
+        short.bytes.truncate(64);
+        assert_eq!(c.restore(&short), Err(ConfigError::SnapshotSize(64)));
     }
 
     #[test]

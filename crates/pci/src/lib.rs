@@ -18,12 +18,15 @@ mod root;
 
 pub use allocator::{BarAllocator, IO_WINDOW, MMIO32_WINDOW};
 pub use config::{
-    BarKind, BarReprogram, ConfigError, PciConfiguration, PciHeader, COMMAND_BUS_MASTER,
-    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
+    BarKind, BarReprogram, BarSnapshot, ConfigError, ConfigSnapshot, PciConfiguration, PciHeader,
+    COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
 };
 pub use device::{BarHandle, PciDevice, SharedPciDevice};
 pub use irq::{
     irqchip_routes, GsiRouter, IntxLine, IrqChip, IrqError, IrqRoute, FIRST_MSI_GSI, IOAPIC_PINS,
 };
-pub use msix::{Delivery, MsixConfig, MsixError, MSIX_CAP_ID, MSIX_CAP_LEN, MSIX_ENTRY_SIZE};
+pub use msix::{
+    Delivery, MsixConfig, MsixEntry, MsixError, MsixSnapshot, MSIX_CAP_ID, MSIX_CAP_LEN,
+    MSIX_ENTRY_SIZE,
+};
 pub use root::{PciConfigIo, PciError, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};

@@ -24,6 +24,19 @@ pub enum MsixError {
     VectorCount(u16),
     #[error(transparent)]
     Irq(#[from] IrqError),
+    #[error("the snapshot's MSI-X table has {saved} vectors, this function has {actual}")]
+    SnapshotVectors { saved: usize, actual: usize },
+}
+
+/// The guest-visible MSI-X state, for a snapshot: the table, the pending bits and message
+/// control's enable and function-mask bits. The GSIs and irqfds behind the vectors are the
+/// VMM's own and are made afresh.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    pub enabled: bool,
+    pub function_masked: bool,
+    pub entries: Vec<MsixEntry>,
+    pub pending: Vec<bool>,
 }
 
 /// What happened to a trigger.
@@ -36,15 +49,16 @@ pub enum Delivery {
     NotDelivered,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Entry {
-    address_lo: u32,
-    address_hi: u32,
-    data: u32,
-    control: u32,
+/// One MSI-X table entry, as the guest wrote it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixEntry {
+    pub address_lo: u32,
+    pub address_hi: u32,
+    pub data: u32,
+    pub control: u32,
 }
 
-impl Entry {
+impl MsixEntry {
     fn masked(&self) -> bool {
         self.control & ENTRY_CTRL_MASKED != 0
     }
@@ -59,7 +73,7 @@ struct Vector {
 }
 
 pub struct MsixConfig {
-    entries: Vec<Entry>,
+    entries: Vec<MsixEntry>,
     pending: Vec<bool>,
     vectors: Vec<Vector>,
     enabled: bool,
@@ -76,7 +90,7 @@ impl MsixConfig {
         let mut config = Self {
             // Reset state: every vector masked.
             entries: vec![
-                Entry {
+                MsixEntry {
                     control: ENTRY_CTRL_MASKED,
                     ..Default::default()
                 };
@@ -123,7 +137,7 @@ impl MsixConfig {
     pub fn vector_masked(&self, vector: u16) -> bool {
         self.entries
             .get(usize::from(vector))
-            .is_none_or(Entry::masked)
+            .is_none_or(MsixEntry::masked)
     }
 
     /// Whether a signal on `vector`'s irqfd reaches the guest now: MSI-X on, neither the
@@ -304,12 +318,50 @@ impl MsixConfig {
         self.vectors.get(usize::from(vector)).map(|v| v.gsi)
     }
 
+    pub fn snapshot(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+            entries: self.entries.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Takes back a snapshot's table and bits, and sends KVM the route of every vector that
+    /// can fire (the ones a guest's table writes would have routed). Nothing fires: interrupts
+    /// sent before the snapshot are in the restored interrupt controller, and pending bits
+    /// fire on unmask as they would have.
+    pub fn restore(&mut self, snapshot: &MsixSnapshot) -> Result<(), MsixError> {
+        if snapshot.entries.len() != self.entries.len()
+            || snapshot.pending.len() != self.pending.len()
+        {
+            return Err(MsixError::SnapshotVectors {
+                saved: snapshot.entries.len(),
+                actual: self.entries.len(),
+            });
+        }
+        self.entries.clone_from(&snapshot.entries);
+        for entry in &mut self.entries {
+            entry.address_lo &= !0x3;
+            entry.control &= ENTRY_CTRL_MASKED;
+        }
+        self.pending.clone_from(&snapshot.pending);
+        self.enabled = snapshot.enabled;
+        self.function_masked = snapshot.function_masked;
+        if self.enabled {
+            for vector in 0..self.entries.len() {
+                self.update_route(vector);
+            }
+        }
+        Ok(())
+    }
+
     /// Device reset: back to disabled with every vector masked and nothing pending.
     pub fn reset(&mut self) {
         self.enabled = false;
         self.function_masked = false;
         for entry in &mut self.entries {
-            *entry = Entry {
+            *entry = MsixEntry {
                 control: ENTRY_CTRL_MASKED,
                 ..Default::default()
             };
@@ -441,6 +493,53 @@ mod tests {
         assert_eq!(u32::from_le_bytes(dword), 1, "vector 0 starts masked");
         m.read_table(0x100, &mut dword);
         assert_eq!(u32::from_le_bytes(dword), 0xffff_ffff);
+    }
+
+    #[test]
+    fn a_restored_table_keeps_entries_masks_and_pending_bits_and_routes_live_vectors() {
+        let (_chip, mut m) = msix(3);
+        m.set_message_control(MSG_CTL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        program(&mut m, 2, 0xfee0_2000, 0x43);
+        m.write_table(2 * 16 + 12, &1u32.to_le_bytes());
+        assert_eq!(m.trigger(2), Delivery::Pending);
+        let saved = m.snapshot();
+
+        let (chip, mut fresh) = msix(3);
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.snapshot(), saved);
+        assert!(fresh.deliverable(0));
+        assert!(fresh.vector_masked(2) && fresh.pending(2));
+        let gsi = fresh.gsi(0).unwrap();
+        assert!(chip
+            .tables
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .contains(&IrqRoute::Msi {
+                gsi,
+                address: 0xfee0_0000,
+                data: 0x41
+            }));
+        assert_eq!(fresh.trigger(0), Delivery::Sent);
+        assert!(fired(&fresh, 0));
+        assert!(!fired(&fresh, 2), "restoring fires nothing");
+        fresh.write_table(2 * 16 + 12, &0u32.to_le_bytes());
+        assert!(fired(&fresh, 2), "the saved pending bit fires on unmask");
+    }
+
+    #[test]
+    fn a_table_of_another_size_is_refused() {
+        let (_chip, m) = msix(3);
+        let (_chip, mut other) = msix(2);
+        assert!(matches!(
+            other.restore(&m.snapshot()),
+            Err(MsixError::SnapshotVectors {
+                saved: 3,
+                actual: 2
+            })
+        ));
     }
 
     #[test]

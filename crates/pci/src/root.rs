@@ -7,7 +7,8 @@ use kickvm_bus::{Bus, BusDevice, BusError};
 
 use crate::allocator::BarAllocator;
 use crate::config::{
-    BarKind, BarReprogram, PciConfiguration, PciHeader, COMMAND_IO, COMMAND_MEMORY,
+    BarKind, BarReprogram, ConfigError, ConfigSnapshot, PciConfiguration, PciHeader, COMMAND_IO,
+    COMMAND_MEMORY,
 };
 use crate::device::{BarHandle, PciDevice, SharedPciDevice};
 
@@ -26,6 +27,17 @@ pub enum PciError {
     BarSpace { kind: BarKind, size: u64 },
     #[error("cannot map BAR: {0}")]
     Bus(#[from] BusError),
+    #[error("no PCI function in slot {0}")]
+    EmptySlot(u8),
+    #[error("slot {slot}: {source}")]
+    Snapshot { slot: u8, source: ConfigError },
+    #[error("slot {slot}: BAR {bar} cannot go back to {address:#x}: {source}")]
+    BarRestore {
+        slot: u8,
+        bar: usize,
+        address: u64,
+        source: BusError,
+    },
 }
 
 /// 00:00.0: a host bridge with no BARs, so guests that scan for one find it.
@@ -171,8 +183,81 @@ impl PciRoot {
         };
         let moved = device.lock().unwrap().write_config(reg, offset, data);
         if let Some(moved) = moved {
-            self.apply_bar_move(&device, moved);
+            if let Err(e) = self.apply_bar_move(&device, moved) {
+                log::warn!(
+                    "guest moved BAR {} from {:#x} to {:#x}: {e}; it stays at {:#x}",
+                    moved.bar,
+                    moved.old,
+                    moved.new,
+                    moved.old
+                );
+            }
         }
+    }
+
+    /// Every function's configuration space (the host bridge's too), by slot, for a snapshot.
+    pub fn snapshot(&self) -> Vec<(u8, ConfigSnapshot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, device)| {
+                let snapshot = device.as_ref()?.lock().unwrap().config().snapshot();
+                Some((slot as u8, snapshot))
+            })
+            .collect()
+    }
+
+    /// Gives the functions in these slots their saved configuration space back, and puts each
+    /// BAR the guest had moved back at its saved address the way a guest's BAR write does
+    /// ([`Self::apply_bar_move`]: buses, then the configuration, then the device). Every
+    /// snapshot is checked against its function before anything changes.
+    ///
+    /// A BAR may be going where another one still is (the guest moved both): moves that meet
+    /// an occupied range are retried once others have gone, until none is left or none moves.
+    pub fn restore(&self, configs: &[(u8, &ConfigSnapshot)]) -> Result<(), PciError> {
+        let mut devices = Vec::with_capacity(configs.len());
+        for &(slot, snapshot) in configs {
+            let device = self.device(slot).ok_or(PciError::EmptySlot(slot))?;
+            // A dry run on a copy: the device's configuration changes only once all fit.
+            let mut probe = device.lock().unwrap().config().clone();
+            probe
+                .restore(snapshot)
+                .map_err(|source| PciError::Snapshot { slot, source })?;
+            devices.push((slot, device, snapshot));
+        }
+        let mut moves = Vec::new();
+        for (slot, device, snapshot) in devices {
+            let wanted = device
+                .lock()
+                .unwrap()
+                .config_mut()
+                .restore(snapshot)
+                .map_err(|source| PciError::Snapshot { slot, source })?;
+            moves.extend(wanted.into_iter().map(|m| (slot, device.clone(), m)));
+        }
+        while !moves.is_empty() {
+            let before = moves.len();
+            let mut last_error = None;
+            moves.retain(
+                |(slot, device, moved)| match self.apply_bar_move(device, *moved) {
+                    Ok(()) => false,
+                    Err(source) => {
+                        last_error = Some((*slot, *moved, source));
+                        true
+                    }
+                },
+            );
+            if moves.len() == before {
+                let (slot, moved, source) = last_error.expect("a move failed");
+                return Err(PciError::BarRestore {
+                    slot,
+                    bar: moved.bar,
+                    address: moved.new,
+                    source,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn function(&self, bus: u8, slot: u8, function: u8) -> Option<SharedPciDevice> {
@@ -184,28 +269,23 @@ impl PciRoot {
 
     /// Moves the bus range first, then lets the device follow (its ioeventfds). A move onto
     /// an occupied range is refused: the BAR keeps answering at its old address.
-    fn apply_bar_move(&self, device: &SharedPciDevice, moved: BarReprogram) {
-        match self.bus_for(moved.kind).relocate(moved.old, moved.new) {
-            Ok(()) => {
-                log::debug!(
-                    "PCI BAR {} moved {:#x} -> {:#x} ({:#x} bytes)",
-                    moved.bar,
-                    moved.old,
-                    moved.new,
-                    moved.len
-                );
-                let mut device = device.lock().unwrap();
-                device.config_mut().commit_bar_move(&moved);
-                device.bar_moved(&moved);
-            }
-            Err(e) => log::warn!(
-                "guest moved BAR {} from {:#x} to {:#x}: {e}; it stays at {:#x}",
-                moved.bar,
-                moved.old,
-                moved.new,
-                moved.old
-            ),
-        }
+    fn apply_bar_move(
+        &self,
+        device: &SharedPciDevice,
+        moved: BarReprogram,
+    ) -> Result<(), BusError> {
+        self.bus_for(moved.kind).relocate(moved.old, moved.new)?;
+        log::debug!(
+            "PCI BAR {} moved {:#x} -> {:#x} ({:#x} bytes)",
+            moved.bar,
+            moved.old,
+            moved.new,
+            moved.len
+        );
+        let mut device = device.lock().unwrap();
+        device.config_mut().commit_bar_move(&moved);
+        device.bar_moved(&moved);
+        Ok(())
     }
 }
 
@@ -224,6 +304,16 @@ impl PciConfigIo {
             root: Arc::downgrade(root),
             address: 0,
         }
+    }
+
+    /// The CONFIG_ADDRESS latch, for a snapshot: a guest may be between writing it and
+    /// reading CONFIG_DATA.
+    pub fn config_address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_config_address(&mut self, address: u32) {
+        self.address = address & !0x3;
     }
 
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
@@ -433,6 +523,95 @@ mod tests {
         config_write(&m, 1, 4, 0xe001);
         assert!(m.pio.write(0xe010, &[3]));
         assert!(!m.pio.write(0xc010, &[3]));
+    }
+
+    #[test]
+    fn a_restored_moved_bar_answers_at_its_saved_address_and_the_device_is_told() {
+        let m = machine();
+        config_write(&m, 1, 6, 0xd000_0000);
+        config_write(&m, 1, 15, 0x0b);
+        let saved = m.root.lock().unwrap().snapshot();
+        assert_eq!(saved.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [0, 1]);
+
+        let fresh = machine();
+        let configs: Vec<_> = saved.iter().map(|(slot, c)| (*slot, c)).collect();
+        fresh.root.lock().unwrap().restore(&configs).unwrap();
+        assert!(fresh.mmio.write(0xd000_0008, &[2]));
+        assert!(!fresh.mmio.write(0xc000_0000, &[1]));
+        assert_eq!(
+            fresh.device.lock().unwrap().last_write,
+            Some((2, 8, vec![2]))
+        );
+        assert_eq!(fresh.device.lock().unwrap().moves.len(), 1);
+        assert_eq!(config_read(&fresh, 1, 6), 0xd000_0004);
+        assert_eq!(config_read(&fresh, 1, 15) & 0xff, 0x0b);
+        assert!(fresh.pio.write(0xc000, &[1]), "the unmoved BAR stays");
+    }
+
+    #[test]
+    fn restored_bars_may_take_each_others_places_in_turn() {
+        let m = machine();
+        let second = TestDevice::shared();
+        let mut allocator = BarAllocator::new(0xe000..0xf000, 0xe000_0000..0xf000_0000, None);
+        m.root
+            .lock()
+            .unwrap()
+            .add_device(2, second.clone(), &mut allocator)
+            .unwrap();
+        // Slot 1's memory BAR goes where slot 2's was, after slot 2's moved away.
+        config_write(&m, 2, 6, 0xd000_0000);
+        config_write(&m, 1, 6, 0xe000_0000);
+        let saved = m.root.lock().unwrap().snapshot();
+
+        let fresh = machine();
+        let mut allocator = BarAllocator::new(0xe000..0xf000, 0xe000_0000..0xf000_0000, None);
+        fresh
+            .root
+            .lock()
+            .unwrap()
+            .add_device(2, TestDevice::shared(), &mut allocator)
+            .unwrap();
+        let configs: Vec<_> = saved.iter().map(|(slot, c)| (*slot, c)).collect();
+        fresh.root.lock().unwrap().restore(&configs).unwrap();
+        assert!(fresh.mmio.write(0xe000_0000, &[7]));
+        assert_eq!(
+            fresh.device.lock().unwrap().last_write,
+            Some((2, 0, vec![7]))
+        );
+        assert_eq!(config_read(&fresh, 2, 6), 0xd000_0004);
+    }
+
+    #[test]
+    fn a_snapshot_of_other_functions_is_refused_before_anything_changes() {
+        let m = machine();
+        config_write(&m, 1, 6, 0xd000_0000);
+        let mut saved = m.root.lock().unwrap().snapshot();
+        saved[1].1.bars[1].size = 0x8000;
+        let fresh = machine();
+        let configs: Vec<_> = saved.iter().map(|(slot, c)| (*slot, c)).collect();
+        let err = fresh.root.lock().unwrap().restore(&configs).unwrap_err();
+        assert!(matches!(
+            err,
+            PciError::Snapshot {
+                slot: 1,
+                source: ConfigError::SnapshotBars { .. }
+            }
+        ));
+        assert_eq!(config_read(&fresh, 1, 6), 0xc000_0004, "untouched");
+        let err = fresh.root.lock().unwrap().restore(&[(9, &saved[1].1)]);
+        assert!(matches!(err, Err(PciError::EmptySlot(9))));
+    }
+
+    #[test]
+    fn the_config_address_latch_can_be_saved_and_set() {
+        let m = machine();
+        let io = PciConfigIo::new(&m.root);
+        let mut other = PciConfigIo::new(&m.root);
+        other.set_config_address(CONFIG_ADDRESS_ENABLE | (1 << 11));
+        let mut data = [0u8; 4];
+        other.read(PCI_CONFIG_IO_BASE, 4, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0x1042_1af4);
+        assert_eq!(io.config_address(), 0);
     }
 
     #[test]
