@@ -16,8 +16,8 @@ use std::time::Duration;
 use kickvm_block::{BlockError, DiskImage, DiskOptions};
 use kickvm_bus::{Bus, BusError};
 use kickvm_pci::{
-    BarAllocator, GsiRouter, IrqChip, IrqError, PciConfigIo, PciError, PciRoot, PCI_CONFIG_IO_BASE,
-    PCI_CONFIG_IO_LEN,
+    BarAllocator, GsiRouter, IrqChip, IrqError, PciConfigIo, PciDevice, PciError, PciRoot,
+    PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -30,6 +30,7 @@ use crate::net::{
     DEFAULT_POLL_US, DEFAULT_REPLY_POLL_US,
 };
 use crate::pause::PauseRequests;
+use crate::snapshot::{PciDeviceSnapshot, PciSnapshot, SnapshotError, SNAPSHOT_VERSION};
 use crate::transport::{TransportError, TransportKind, TransportOptions, VirtioPciDevice};
 use crate::vhost_user::VhostUserBlk;
 
@@ -117,6 +118,10 @@ pub struct PciDevices {
     mem: GuestMemoryMmap,
     options: PciOptions,
     devices: Vec<(String, SharedVirtioDevice)>,
+    /// Each device's slot, in `devices`' order.
+    slots: Vec<u8>,
+    /// The CONFIG_ADDRESS latch, kept for snapshots.
+    config_io: Arc<Mutex<PciConfigIo>>,
     /// The images the disks opened, by identity, with the disk's id.
     images: Vec<(ImageIdentity, String)>,
     /// Where devices ask the VMM to pause the VM.
@@ -172,12 +177,9 @@ impl PciDevices {
         options: PciOptions,
     ) -> Result<Self, AttachError> {
         let root = Arc::new(Mutex::new(PciRoot::new(pio.clone(), mmio)));
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(&root))),
-            PCI_CONFIG_IO_BASE,
-            PCI_CONFIG_IO_LEN,
-        )
-        .map_err(AttachError::ConfigPorts)?;
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(&root)));
+        pio.insert(config_io.clone(), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN)
+            .map_err(AttachError::ConfigPorts)?;
         let router = Arc::new(GsiRouter::new(chip));
         router.install().map_err(AttachError::Routing)?;
         let registrar: Arc<dyn IoeventRegistrar> = match options.max_ioeventfds {
@@ -192,6 +194,8 @@ impl PciDevices {
             mem,
             options,
             devices: Vec::new(),
+            slots: Vec::new(),
+            config_io,
             images: Vec::new(),
             pause_requests: Arc::new(PauseRequests::new().map_err(AttachError::PauseEvent)?),
             disks: 0,
@@ -421,6 +425,7 @@ impl PciDevices {
             .unwrap()
             .add_device(slot, transport.clone(), &mut self.allocator)?;
         self.devices.push((id.to_string(), transport));
+        self.slots.push(slot);
         Ok(slot)
     }
 
@@ -446,5 +451,86 @@ impl PciDevices {
         for (_, device) in &self.devices {
             device.lock().unwrap().resume();
         }
+    }
+
+    /// The state of every PCI device (and the PCI root's config-address latch), for a
+    /// snapshot. The VM must be paused ([`Self::pause_all`] has run, vCPUs parked, requests
+    /// drained). Refused, naming the device: a vhost-user disk, a disk holding writes for want
+    /// of host space (`enospc=pause`), a device not paused or with requests in flight.
+    pub fn snapshot(&self) -> Result<PciSnapshot, SnapshotError> {
+        let host_bridge = {
+            let root = self.root.lock().unwrap();
+            let bridge = root.device(0).expect("the host bridge is at 00:00.0");
+            let config = bridge.lock().unwrap().config().snapshot();
+            config
+        };
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for ((id, device), &slot) in self.devices.iter().zip(&self.slots) {
+            let device = device.lock().unwrap();
+            devices.push(PciDeviceSnapshot {
+                id: id.clone(),
+                slot,
+                config: device.config().snapshot(),
+                transport: device.snapshot()?,
+            });
+        }
+        Ok(PciSnapshot {
+            version: SNAPSHOT_VERSION,
+            config_address: self.config_io.lock().unwrap().config_address(),
+            host_bridge,
+            devices,
+        })
+    }
+
+    /// Applies a snapshot to devices freshly attached from the same configuration (same
+    /// `--disk`/`--net` options, so the same ids, slots and BAR sizes), before any vCPU runs
+    /// and after guest memory and the vCPUs' interrupt controllers are restored: devices that
+    /// were active are kicked once on every queue, which may complete requests and interrupt.
+    ///
+    /// Everything is checked against the devices before anything changes (ids, slots, device
+    /// types, transports, queues, features, BAR layouts); an error met after that (a BAR that
+    /// cannot be mapped back, a device that cannot be activated) leaves the devices partly
+    /// restored, and the VM must not run.
+    pub fn restore(&mut self, snapshot: &PciSnapshot) -> Result<(), SnapshotError> {
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(snapshot.version));
+        }
+        let mut pairs = Vec::with_capacity(snapshot.devices.len());
+        for saved in &snapshot.devices {
+            let index = self
+                .devices
+                .iter()
+                .position(|(id, _)| *id == saved.id)
+                .ok_or_else(|| SnapshotError::UnknownDevice(saved.id.clone()))?;
+            if self.slots[index] != saved.slot {
+                return Err(SnapshotError::Mismatch {
+                    id: saved.id.clone(),
+                    what: "PCI slot",
+                    saved: format!("00:{:02x}.0", saved.slot),
+                    actual: format!("00:{:02x}.0", self.slots[index]),
+                });
+            }
+            let device = self.devices[index].1.clone();
+            device.lock().unwrap().check_snapshot(&saved.transport)?;
+            pairs.push((device, saved));
+        }
+        if let Some((id, _)) = self
+            .devices
+            .iter()
+            .find(|(id, _)| !snapshot.devices.iter().any(|d| d.id == *id))
+        {
+            return Err(SnapshotError::MissingDevice(id.clone()));
+        }
+        let mut configs = vec![(0u8, &snapshot.host_bridge)];
+        configs.extend(snapshot.devices.iter().map(|d| (d.slot, &d.config)));
+        self.root.lock().unwrap().restore(&configs)?;
+        for (device, saved) in pairs {
+            device.lock().unwrap().restore(&saved.transport)?;
+        }
+        self.config_io
+            .lock()
+            .unwrap()
+            .set_config_address(snapshot.config_address);
+        Ok(())
     }
 }

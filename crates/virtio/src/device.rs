@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::QueueCounters;
 use crate::notifier::KickSink;
+use crate::snapshot::{DeviceSnapshotError, DeviceState, QueuePosition};
 
 /// Interrupts as the device sees them; the transport maps them to MSI-X vectors or INTx.
 pub trait VirtioInterrupt: Send + Sync {
@@ -93,6 +94,11 @@ pub trait QueueHandler: Send + Sync {
     fn interrupts_direct(&self, _queue: usize) -> bool {
         false
     }
+    /// Where the handler stands in `queue`'s rings, for a snapshot (the VM is paused and the
+    /// queue drained). `None` for a queue it does not use.
+    fn queue_position(&self, _queue: usize) -> Option<QueuePosition> {
+        None
+    }
 }
 
 /// A queue's MSI-X vector as a backend may signal it itself.
@@ -164,4 +170,14 @@ pub trait VirtioDevice: Send {
     /// Stops using the queues: waits for requests in flight, then forgets them. The device is
     /// ready to be activated again.
     fn reset(&mut self);
+    /// The device's own state for a snapshot, taken while the VM is paused. A device that
+    /// cannot be saved says why; the default is that it cannot.
+    fn snapshot(&self) -> Result<DeviceState, DeviceSnapshotError> {
+        Err(DeviceSnapshotError::Unsupported)
+    }
+    /// Takes back [`Self::snapshot`]'s state on a device freshly built from the same options,
+    /// before the transport activates it.
+    fn restore(&mut self, _state: &DeviceState) -> Result<(), DeviceSnapshotError> {
+        Err(DeviceSnapshotError::Unsupported)
+    }
 }

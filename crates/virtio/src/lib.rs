@@ -12,6 +12,7 @@ pub mod ioevent;
 pub mod net;
 pub mod notifier;
 pub mod pause;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod transport;
@@ -20,4 +21,8 @@ pub mod vhost_user;
 pub use attach::{AttachError, PciDevices, PciOptions, PlugError, SharedVirtioDevice};
 pub use config::{BlkConfig, BlkConfigError};
 pub use net::{IoeventfdPolicy, NetConfig, NetConfigError};
+pub use snapshot::{
+    DeviceState, PciDeviceSnapshot, PciSnapshot, QueuePosition, QueueSnapshot, SnapshotError,
+    TransportSnapshot, SNAPSHOT_VERSION,
+};
 pub use transport::{TransportKind, VirtioPciDevice};

@@ -153,6 +153,11 @@ impl Notifier {
         self.property_on
     }
 
+    /// Whether the VM runs (not between [`Self::vm_paused`] and [`Self::vm_resumed`]).
+    pub fn vm_running(&self) -> bool {
+        self.running
+    }
+
     /// Why the last registration was refused, while the refusal is in force.
     pub fn refusal(&self) -> Option<&str> {
         self.refusal.as_deref().filter(|_| self.refused)

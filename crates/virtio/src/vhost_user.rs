@@ -293,6 +293,13 @@ impl VhostUserBlk {
 }
 
 impl VirtioDevice for VhostUserBlk {
+    /// The rings' positions live in the backend process, which offers no way to save them.
+    fn snapshot(
+        &self,
+    ) -> Result<crate::snapshot::DeviceState, crate::snapshot::DeviceSnapshotError> {
+        Err(crate::snapshot::DeviceSnapshotError::VhostUser)
+    }
+
     fn device_type(&self) -> u16 {
         VIRTIO_ID_BLOCK
     }

@@ -13,6 +13,7 @@ use crate::device::{
     read_config_bytes, ActivateError, Activation, BackendValue, QueueHandler, VirtioDevice,
 };
 use crate::pause::PauseRequests;
+use crate::snapshot::{DeviceSnapshotError, DeviceState};
 
 const CONFIG_LEN: usize = 0x3c;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -229,6 +230,25 @@ impl VirtioDevice for VirtioBlk {
     fn reset(&mut self) {
         if let Some(handler) = self.handler.take() {
             handler.shut_down();
+        }
+    }
+
+    /// A held write's buffers and status stay the guest's business until it is made: the
+    /// restored device would know nothing of it, and the guest would wait forever.
+    fn snapshot(&self) -> Result<DeviceState, DeviceSnapshotError> {
+        match self.handler.as_ref().map_or(0, |h| h.held_requests()) {
+            0 => Ok(DeviceState::Blk),
+            held => Err(DeviceSnapshotError::HeldRequests(held)),
+        }
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceSnapshotError> {
+        match state {
+            DeviceState::Blk => Ok(()),
+            other => Err(DeviceSnapshotError::Mismatch(format!(
+                "the snapshot holds {} state for a virtio-blk device",
+                other.name()
+            ))),
         }
     }
 }

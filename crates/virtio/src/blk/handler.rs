@@ -20,6 +20,7 @@ use super::*;
 use crate::counters::QueueCounters;
 use crate::device::{QueueHandler, VirtioInterrupt};
 use crate::pause::PauseRequests;
+use crate::snapshot::QueuePosition;
 
 /// Requests taken from the ring before those finished so far are returned to the driver.
 /// Page-cache hits complete inside the engine's commit, so a whole ring's worth in one commit
@@ -131,6 +132,14 @@ impl BlkHandler {
             drop(queue.lock().unwrap().take());
             count.store(0, Ordering::SeqCst);
         }
+    }
+
+    /// Writes held for want of host space, across the queues: a snapshot would lose them.
+    pub fn held_requests(&self) -> usize {
+        self.queues
+            .iter()
+            .map(|q| q.lock().unwrap().as_ref().map_or(0, |q| q.held.len()))
+            .sum()
     }
 
     /// Reaps, takes what is available, submits. With `rearm`, ends by enabling driver
@@ -480,6 +489,16 @@ impl QueueHandler for BlkHandler {
 
     fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    fn queue_position(&self, queue: usize) -> Option<QueuePosition> {
+        let guard = self.queues.get(queue)?.lock().unwrap();
+        let q = &guard.as_ref()?.queue;
+        Some(QueuePosition {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            event_idx: q.event_idx_enabled(),
+        })
     }
 
     fn set_paused(&self, paused: bool) {

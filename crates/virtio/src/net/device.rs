@@ -13,6 +13,7 @@ use super::VIRTIO_NET_TYPE;
 use crate::device::{
     read_config_bytes, ActivateError, Activation, BackendValue, QueueHandler, VirtioDevice,
 };
+use crate::snapshot::{DeviceSnapshotError, DeviceState};
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -49,6 +50,8 @@ pub struct VirtioNet {
     features: u64,
     config: [u8; CONFIG_LEN],
     handler: Option<Arc<NetHandler>>,
+    /// The queue pairs a restored driver had enabled, for the restore's activation.
+    restored_pairs: Option<usize>,
 }
 
 impl VirtioNet {
@@ -99,6 +102,7 @@ impl VirtioNet {
             features,
             config,
             handler: None,
+            restored_pairs: None,
         })
     }
 
@@ -166,13 +170,55 @@ impl VirtioDevice for VirtioNet {
             self.options.tx_inline,
             self.options.reply_poll,
         )?);
+        if let Some(pairs) = self.restored_pairs.take() {
+            handler.set_active_pairs(pairs);
+        }
         self.handler = Some(handler.clone());
         Ok(handler)
     }
 
     fn reset(&mut self) {
+        self.restored_pairs = None;
         if let Some(handler) = self.handler.take() {
             handler.shut_down();
         }
+    }
+
+    /// The tap is the fresh attach's; what the guest set is the configuration (a legacy
+    /// driver's MAC) and the queue pairs it enabled.
+    fn snapshot(&self) -> Result<DeviceState, DeviceSnapshotError> {
+        Ok(DeviceState::Net {
+            config: self.config.to_vec(),
+            active_pairs: self.handler.as_ref().map(|h| h.active_pairs() as u16),
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceSnapshotError> {
+        let DeviceState::Net {
+            config,
+            active_pairs,
+        } = state
+        else {
+            return Err(DeviceSnapshotError::Mismatch(format!(
+                "the snapshot holds {} state for a virtio-net device",
+                state.name()
+            )));
+        };
+        if config.len() != CONFIG_LEN || config[8..] != self.config[8..] {
+            return Err(DeviceSnapshotError::Mismatch(format!(
+                "the snapshot's configuration {config:02x?} is not of a device with {} queue \
+                 pair(s)",
+                self.options.pairs
+            )));
+        }
+        if let Some(pairs) = active_pairs.filter(|&p| p == 0 || p > self.options.pairs) {
+            return Err(DeviceSnapshotError::Mismatch(format!(
+                "the snapshot has {pairs} queue pair(s) in use, the device has {}",
+                self.options.pairs
+            )));
+        }
+        self.config.copy_from_slice(config);
+        self.restored_pairs = active_pairs.map(usize::from);
+        Ok(())
     }
 }

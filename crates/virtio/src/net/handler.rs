@@ -15,7 +15,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use super::tap::NetBackend;
 use super::MAX_FRAME_LEN;
 use crate::counters::QueueCounters;
 use crate::device::{ActivateError, Activation, QueueHandler, VirtioInterrupt};
+use crate::snapshot::QueuePosition;
 
 /// Frames moved per call before the handler lets the I/O thread look at other events.
 const BATCH: usize = 256;
@@ -173,6 +174,8 @@ pub struct NetHandler {
     clock: Instant,
     /// VM paused: no frame moves in either direction until resume.
     paused: AtomicBool,
+    /// What the driver last set with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, for a snapshot.
+    active_pairs: AtomicUsize,
     pub stats: NetStats,
 }
 
@@ -279,6 +282,7 @@ impl NetHandler {
             reply_poll,
             clock: Instant::now(),
             paused: AtomicBool::new(false),
+            active_pairs: AtomicUsize::new(1),
             stats: NetStats::default(),
         };
         // One pair until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
@@ -291,6 +295,10 @@ impl NetHandler {
         Ok(handler)
     }
 
+    pub(crate) fn active_pairs(&self) -> usize {
+        self.active_pairs.load(Ordering::SeqCst)
+    }
+
     /// Device reset: stop using the queues (the tap keeps whatever it queued).
     pub fn shut_down(&self) {
         for pair in &self.pairs {
@@ -301,7 +309,10 @@ impl NetHandler {
         self.ctrl.lock().unwrap().take();
     }
 
-    fn set_active_pairs(&self, active: usize) {
+    /// The queue pairs the driver uses (one until it asks for more): the tap queues beyond
+    /// them are detached.
+    pub(crate) fn set_active_pairs(&self, active: usize) {
+        self.active_pairs.store(active, Ordering::SeqCst);
         for i in 0..self.backend.queues() {
             if let Err(e) = self.backend.set_queue_enabled(i, i < active) {
                 log::warn!("virtio-net: cannot (de)attach tap queue {i}: {e}");
@@ -1301,5 +1312,24 @@ impl QueueHandler for NetHandler {
 
     fn num_queues(&self) -> usize {
         self.num_queues
+    }
+
+    /// A frame read from the tap that waits in an RX queue's bounce buffer for guest buffers
+    /// is not saved: to the guest it is a frame the wire lost.
+    fn queue_position(&self, queue: usize) -> Option<QueuePosition> {
+        let at = |q: &Queue| QueuePosition {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            event_idx: q.event_idx_enabled(),
+        };
+        if Some(queue) == self.ctrl_index {
+            return self.ctrl.lock().unwrap().as_ref().map(at);
+        }
+        let pair = self.pair_of(queue)?;
+        if queue == pair.rx_index {
+            pair.rx.lock().unwrap().as_ref().map(|rx| at(&rx.queue))
+        } else {
+            pair.tx.lock().unwrap().as_ref().map(|tx| at(&tx.queue))
+        }
     }
 }

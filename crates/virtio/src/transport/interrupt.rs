@@ -84,6 +84,18 @@ impl PciInterrupt {
         self.intx_disabled.store(disabled, Ordering::SeqCst);
     }
 
+    /// The ISR without acknowledging it, for a snapshot.
+    pub fn isr(&self) -> u8 {
+        self.isr.load(Ordering::SeqCst)
+    }
+
+    /// A snapshot's ISR and NEEDS_RESET, set without sending anything: the interrupts they
+    /// stand for were sent before the snapshot.
+    pub fn restore(&self, isr: u8, needs_reset: bool) {
+        self.isr.store(isr, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Reading the ISR acknowledges it: the line drops at the guest's next EOI.
     pub fn read_isr(&self) -> u8 {
         self.isr.swap(0, Ordering::SeqCst)

@@ -32,6 +32,7 @@ use crate::device::{
 use crate::io_thread::IoThread;
 use crate::ioevent::{Doorbell, IoeventRegistrar};
 use crate::notifier::{Notifier, NotifyMode};
+use crate::snapshot::{QueuePosition, QueueSnapshot, SnapshotError, TransportSnapshot};
 use caps::*;
 pub use interrupt::{PciInterrupt, VIRTIO_MSI_NO_VECTOR};
 use registers::{legacy, Effect, Registers};
@@ -51,7 +52,7 @@ const MSIX_BAR_SIZE: u64 = 0x1000;
 const PAUSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which virtio-pci interfaces the function offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum TransportKind {
     /// Legacy and modern on one function (device id 0x1000 + n): what QEMU offers by default.
     #[default]
@@ -444,6 +445,194 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The transport's and the device's state, for a snapshot. The VM must be paused (so
+    /// nothing moves in the rings) and drained; a device that cannot be saved is refused.
+    pub fn snapshot(&self) -> Result<TransportSnapshot, SnapshotError> {
+        let device_type = self.device.device_type();
+        let kind = crate::snapshot::kind_name(device_type);
+        let device = self
+            .device
+            .snapshot()
+            .map_err(|e| SnapshotError::from_device(device_type, &self.id, e))?;
+        if self.notifier.vm_running() {
+            return Err(SnapshotError::NotPaused {
+                kind,
+                id: self.id.clone(),
+            });
+        }
+        let handler = self.handler.as_ref();
+        if let Some(h) = handler {
+            if (0..h.num_queues()).any(|q| h.busy(q)) {
+                return Err(SnapshotError::InFlight {
+                    kind,
+                    id: self.id.clone(),
+                });
+            }
+        }
+        let regs = &self.regs;
+        Ok(TransportSnapshot {
+            device_type,
+            kind: self.kind,
+            device_features: regs.device_features,
+            driver_features: regs.driver_features,
+            device_feature_select: regs.device_feature_select,
+            driver_feature_select: regs.driver_feature_select,
+            status: regs.status,
+            queue_select: regs.queue_select,
+            config_generation: regs.config_generation,
+            config_vector: self.interrupt.config_vector(),
+            isr: self.interrupt.isr(),
+            needs_reset: self.interrupt.needs_reset(),
+            active: handler.is_some(),
+            ioeventfd: self.notifier.ioeventfd_property(),
+            queues: regs
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(index, q)| QueueSnapshot {
+                    max_size: q.max_size,
+                    size: q.size,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    legacy_pfn: q.legacy_pfn,
+                    vector: self.interrupt.queue_vector(index),
+                    position: handler.and_then(|h| h.queue_position(index)),
+                })
+                .collect(),
+            msix: self.msix.lock().unwrap().snapshot(),
+            device,
+        })
+    }
+
+    /// Whether `snapshot` is of a device like this one (built from the same options) and this
+    /// one is still as attached; checked before anything is changed.
+    pub fn check_snapshot(&self, snapshot: &TransportSnapshot) -> Result<(), SnapshotError> {
+        let mismatch = |what: &'static str, saved: String, actual: String| {
+            Err(SnapshotError::Mismatch {
+                id: self.id.clone(),
+                what,
+                saved,
+                actual,
+            })
+        };
+        let device_type = self.device.device_type();
+        if snapshot.device_type != device_type {
+            return mismatch(
+                "device type",
+                crate::snapshot::kind_name(snapshot.device_type).to_string(),
+                crate::snapshot::kind_name(device_type).to_string(),
+            );
+        }
+        if snapshot.kind != self.kind {
+            return mismatch(
+                "transport",
+                snapshot.kind.name().to_string(),
+                self.kind.name().to_string(),
+            );
+        }
+        let sizes = |queues: &mut dyn Iterator<Item = u16>| {
+            let sizes: Vec<String> = queues.map(|s| s.to_string()).collect();
+            format!(
+                "{} queue(s) of max size [{}]",
+                sizes.len(),
+                sizes.join(", ")
+            )
+        };
+        let saved = sizes(&mut snapshot.queues.iter().map(|q| q.max_size));
+        let actual = sizes(&mut self.regs.queues.iter().map(|q| q.max_size));
+        if saved != actual {
+            return mismatch("queues", saved, actual);
+        }
+        if snapshot.device_features != self.regs.device_features {
+            return mismatch(
+                "device features",
+                format!("{:#x}", snapshot.device_features),
+                format!("{:#x}", self.regs.device_features),
+            );
+        }
+        if self.is_active() || self.regs.status != 0 {
+            return Err(SnapshotError::NotFresh(self.id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Gives a device freshly attached from the same options the state of `snapshot`, before
+    /// any vCPU runs. Its configuration space (BARs) must already be restored (the doorbells
+    /// are where the BARs are), and guest memory and the interrupt controllers too: a device
+    /// that was active is activated at its saved ring positions and every doorbell is kicked
+    /// once, which may complete requests and send interrupts.
+    pub fn restore(&mut self, snapshot: &TransportSnapshot) -> Result<(), SnapshotError> {
+        self.check_snapshot(snapshot)?;
+        self.msix
+            .lock()
+            .unwrap()
+            .restore(&snapshot.msix)
+            .map_err(|source| SnapshotError::Msix {
+                id: self.id.clone(),
+                source,
+            })?;
+        self.device
+            .restore(&snapshot.device)
+            .map_err(|e| SnapshotError::from_device(snapshot.device_type, &self.id, e))?;
+        let regs = &mut self.regs;
+        regs.driver_features = snapshot.driver_features;
+        regs.device_feature_select = snapshot.device_feature_select;
+        regs.driver_feature_select = snapshot.driver_feature_select;
+        regs.status = snapshot.status;
+        regs.queue_select = snapshot.queue_select;
+        regs.config_generation = snapshot.config_generation;
+        for (index, (q, saved)) in regs.queues.iter_mut().zip(&snapshot.queues).enumerate() {
+            q.size = saved.size;
+            q.enabled = saved.enabled;
+            q.desc = saved.desc;
+            q.avail = saved.avail;
+            q.used = saved.used;
+            q.legacy_pfn = saved.legacy_pfn;
+            self.interrupt.set_queue_vector(index, saved.vector);
+        }
+        self.interrupt.set_config_vector(snapshot.config_vector);
+        self.interrupt.restore(snapshot.isr, snapshot.needs_reset);
+        self.interrupt
+            .set_intx_disabled(self.config.command() & COMMAND_INTX_DISABLE != 0);
+        if snapshot.ioeventfd != self.notifier.ioeventfd_property() {
+            self.notifier
+                .set_ioeventfd(snapshot.ioeventfd, &HandlerSink(None));
+        }
+        if snapshot.active {
+            let positions: Vec<_> = snapshot.queues.iter().map(|q| q.position).collect();
+            let handler =
+                self.start_device(Some(&positions))
+                    .map_err(|reason| SnapshotError::Activate {
+                        id: self.id.clone(),
+                        reason,
+                    })?;
+            let doorbells = self.doorbells();
+            self.notifier
+                .restored(true, doorbells, &HandlerSink(Some(&handler)));
+            self.handler = Some(handler);
+            self.route_direct_interrupts();
+        } else {
+            let doorbells = self.doorbells();
+            self.notifier.restored(false, doorbells, &HandlerSink(None));
+        }
+        // Unread ISR bits stand for an INTx interrupt the guest has yet to take: the line is
+        // level, so it is raised again.
+        self.interrupt.resample();
+        log::info!(
+            "{}: restored (status {:#x}, {})",
+            self.id,
+            snapshot.status,
+            if snapshot.active {
+                "active"
+            } else {
+                "inactive"
+            }
+        );
+        Ok(())
+    }
+
     /// The queues' kick eventfds (the doorbells' targets in ioeventfd mode).
     pub fn kick_eventfds(&self) -> &[Arc<EventFd>] {
         &self.kicks
@@ -512,7 +701,12 @@ impl VirtioPciDevice {
         }
     }
 
-    fn build_queues(&self) -> Result<Vec<QueueSetup>, ActivateError> {
+    /// The driver's queues as built at DRIVER_OK; a restore passes each queue's saved place
+    /// in its rings, which an activation must start from instead of 0.
+    fn build_queues(
+        &self,
+        positions: Option<&[Option<QueuePosition>]>,
+    ) -> Result<Vec<QueueSetup>, ActivateError> {
         let event_idx = self.regs.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::new();
         for (index, regs) in self.regs.queues.iter().enumerate() {
@@ -543,6 +737,11 @@ impl VirtioPciDevice {
                 .try_set_used_ring_address(GuestAddress(regs.used))
                 .map_err(|e| bad(format!("used ring {:#x}: {e}", regs.used)))?;
             queue.set_event_idx(event_idx);
+            if let Some(at) = positions.and_then(|p| p.get(index).copied().flatten()) {
+                queue.set_next_avail(at.next_avail);
+                queue.set_next_used(at.next_used);
+                queue.set_event_idx(at.event_idx);
+            }
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
                 return Err(bad("rings are not inside guest memory".to_string()));
@@ -557,29 +756,14 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
-        let result = self.build_queues().and_then(|queues| {
-            self.device.activate(Activation {
-                mem: self.mem.clone(),
-                acked_features: self.regs.driver_features,
-                interrupt: self.interrupt.clone(),
-                queues,
-                counters: self.counters.clone(),
-            })
-        });
-        let handler = match result {
+        let handler = match self.start_device(None) {
             Ok(handler) => handler,
             Err(e) => {
-                log::warn!("{}: cannot activate: {e}", self.id);
+                log::warn!("{}: {e}", self.id);
                 self.interrupt.set_needs_reset();
                 return;
             }
         };
-        if let Err(e) = self.io_thread.attach(handler.clone()) {
-            log::warn!("{}: I/O thread cannot serve the device: {e}", self.id);
-            self.device.reset();
-            self.interrupt.set_needs_reset();
-            return;
-        }
         log::debug!(
             "{}: activated ({} driver, features {:#x})",
             self.id,
@@ -595,6 +779,31 @@ impl VirtioPciDevice {
             .driver_ok(doorbells, &HandlerSink(Some(&handler)));
         self.handler = Some(handler);
         self.route_direct_interrupts();
+    }
+
+    /// Builds the queues, activates the device on them and has the I/O thread serve it: what
+    /// DRIVER_OK and a restore have in common. Says why not, for the caller to report.
+    fn start_device(
+        &mut self,
+        positions: Option<&[Option<QueuePosition>]>,
+    ) -> Result<Arc<dyn QueueHandler>, String> {
+        let handler = self
+            .build_queues(positions)
+            .and_then(|queues| {
+                self.device.activate(Activation {
+                    mem: self.mem.clone(),
+                    acked_features: self.regs.driver_features,
+                    interrupt: self.interrupt.clone(),
+                    queues,
+                    counters: self.counters.clone(),
+                })
+            })
+            .map_err(|e| format!("cannot activate: {e}"))?;
+        if let Err(e) = self.io_thread.attach(handler.clone()) {
+            self.device.reset();
+            return Err(format!("I/O thread cannot serve the device: {e}"));
+        }
+        Ok(handler)
     }
 
     /// Hands a backend that signals interrupts itself the irqfd of each queue's vector while
