@@ -689,6 +689,10 @@ fn a_write_without_host_space_is_held_the_vm_asked_to_pause_and_made_again_on_re
     assert_eq!(used_idx(&mem, &mock), 0, "the failed write is not answered");
     assert_eq!(status(&mem, 0), 0xff);
     assert_eq!(pause.take(), ["disk.img: no space left on device"]);
+    // A snapshot now would lose the write.
+    assert_eq!(handler.held_requests(), 1);
+    let position = handler.queue_position(0).unwrap();
+    assert_eq!((position.next_avail, position.next_used), (1, 0));
     // Paused and resumed while the disk is still full: made again, held again.
     handler.set_paused(true);
     handler.set_paused(false);
@@ -701,10 +705,32 @@ fn a_write_without_host_space_is_held_the_vm_asked_to_pause_and_made_again_on_re
     assert_eq!(used_idx(&mem, &mock), 1);
     assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
     assert!(pause.take().is_empty());
+    assert_eq!(handler.held_requests(), 0);
     assert_eq!(interrupt.queue_signals.lock().unwrap().len(), 1);
     assert_eq!(
         submitted.lock().unwrap().len(),
         3,
         "the write was submitted three times"
+    );
+}
+
+#[test]
+fn a_disk_holding_writes_refuses_a_snapshot_in_one_line() {
+    let err = crate::snapshot::SnapshotError::from_device(
+        VIRTIO_BLK_TYPE,
+        "disk0",
+        crate::snapshot::DeviceSnapshotError::HeldRequests(2),
+    );
+    assert_eq!(
+        err.to_string(),
+        "disk disk0 holds 2 write(s) the host had no space for (enospc=pause): free space and \
+         resume the VM before taking a snapshot"
+    );
+    let mem = guest_memory(0x40_0000);
+    let d = disk(&mem, vec![setup(&mem).create_queue().unwrap()], false, None);
+    assert_eq!(
+        d.blk.snapshot(),
+        Ok(crate::snapshot::DeviceState::Blk),
+        "nothing held"
     );
 }

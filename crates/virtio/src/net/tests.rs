@@ -1444,3 +1444,89 @@ fn paused_device_moves_no_frame_either_way_until_resumed() {
         .unwrap();
     assert_eq!(got, rx_frame);
 }
+
+#[test]
+fn a_snapshot_keeps_the_enabled_pairs_the_mac_and_each_queues_ring_position() {
+    use crate::snapshot::{DeviceState, QueuePosition};
+    let mem = guest_memory(MEM_SIZE);
+    let mut g = guest(&mem, 2, all);
+    let mq = VIRTIO_NET_CTRL_MQ as u8;
+    ctrl_command(&mut g, 4, mq, 0, &2u16.to_le_bytes());
+    // A legacy driver's MAC write.
+    g.net.write_config(5, &[9]);
+    let len = put_tx(&mem, BUF, &VnetHeader::default(), &eth_frame(70, 1));
+    g.offer(3, &[(BUF, len, false)]);
+    g.handler.process_queue(3);
+    assert_eq!(
+        g.handler.queue_position(3),
+        Some(QueuePosition {
+            next_avail: 1,
+            next_used: 1,
+            event_idx: true
+        })
+    );
+    assert_eq!(g.handler.queue_position(4).unwrap().next_used, 1);
+    assert_eq!(g.handler.queue_position(0).unwrap().next_avail, 0);
+    let state = g.net.snapshot().unwrap();
+    let DeviceState::Net {
+        config,
+        active_pairs,
+    } = &state
+    else {
+        panic!("{state:?}");
+    };
+    assert_eq!((config[5], *active_pairs), (9, Some(2)));
+
+    let backend = PairBackend::new(2);
+    let options = NetOptions {
+        mac: [2, 0, 0, 0, 0, 7],
+        pairs: 2,
+        queue_size: QUEUE_LEN,
+        tx_inline: None,
+        reply_poll: std::time::Duration::ZERO,
+    };
+    let mut fresh = VirtioNet::new(backend.clone(), options.clone()).unwrap();
+    assert!(fresh.restore(&DeviceState::Blk).is_err());
+    let mut one_pair = VirtioNet::new(
+        PairBackend::new(1),
+        NetOptions {
+            pairs: 1,
+            ..options
+        },
+    )
+    .unwrap();
+    assert!(one_pair.restore(&state).is_err(), "a device of 1 pair");
+    fresh.restore(&state).unwrap();
+    let mut mac = [0u8; 6];
+    fresh.read_config(0, &mut mac);
+    assert_eq!(mac, [2, 0, 0, 0, 0, 9]);
+    let mem2 = guest_memory(MEM_SIZE);
+    let nq = fresh.queue_max_sizes().len();
+    let rings: Vec<_> = (0..nq)
+        .map(|q| MockSplitQueue::create(&mem2, GuestAddress(ring_addr(q)), QUEUE_LEN))
+        .collect();
+    let counters: Arc<[QueueCounters]> = (0..nq).map(|_| QueueCounters::default()).collect();
+    let acked_features = fresh.features();
+    fresh
+        .activate(Activation {
+            mem: mem2.clone(),
+            acked_features,
+            interrupt: Arc::new(MockInterrupt::default()),
+            queues: rings
+                .iter()
+                .enumerate()
+                .map(|(index, ring)| QueueSetup {
+                    index,
+                    queue: ring.create_queue().unwrap(),
+                    kick: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                })
+                .collect(),
+            counters,
+        })
+        .unwrap();
+    assert_eq!(
+        *backend.enabled.lock().unwrap(),
+        vec![true, true],
+        "both tap queues attached again"
+    );
+}
