@@ -166,6 +166,13 @@ pub struct RunArgs {
     /// `curl --unix-socket PATH http://localhost/api/v1/vm.info`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Continue a VM from a snapshot directory (`vm.snapshot`) instead of booting: guest RAM,
+    /// vCPUs, interrupt controllers and devices as they were. Give the options the VM had
+    /// (--cpus, --memory, --disk, --net in the same order); a snapshot that does not match
+    /// them is refused. The kernel is not loaded again.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
 }
 
 /// Everything needed to build a VM; the CLI is one way to make it.
@@ -182,6 +189,8 @@ pub struct VmConfig {
     pub nets: Vec<kickvm_virtio::NetConfig>,
     pub max_ioeventfds: Option<usize>,
     pub api_socket: Option<PathBuf>,
+    /// A snapshot directory to continue from instead of booting the kernel.
+    pub restore: Option<PathBuf>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -198,6 +207,7 @@ impl From<RunArgs> for VmConfig {
             nets: args.net,
             max_ioeventfds: args.max_ioeventfds,
             api_socket: args.api_socket,
+            restore: args.restore,
         }
     }
 }

@@ -10,7 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use api_vm::{exit_queue_counters, image, ApiVm};
-use serde_json::Value;
 
 const CYCLES: usize = 200;
 /// blk-verify rounds: more than any machine gets through during the cycles (a round of two
@@ -51,17 +50,6 @@ fn max_paused_within(pauses: &[(Instant, Instant)], length: Duration) -> Duratio
         })
         .max()
         .unwrap_or_default()
-}
-
-fn queue_counters(vm: &ApiVm, id: &str) -> Value {
-    let counters = vm.ok("GET", "vm.counters", None);
-    counters["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == id)
-        .unwrap()["queues"][0]
-        .clone()
 }
 
 #[test]
@@ -105,7 +93,7 @@ fn cycles_under_blk_verify(name: &str, guest_args: &str) {
     eprintln!("random intervals: seed {seed:#x}");
     let mut rng = Rng(seed);
     let mut pauses: Vec<(Instant, Instant)> = Vec::with_capacity(CYCLES);
-    let before = queue_counters(&vm, "disk0");
+    let before = vm.queue_counters("disk0");
     let started = Instant::now();
     for cycle in 0..CYCLES {
         assert!(
@@ -146,7 +134,7 @@ fn cycles_under_blk_verify(name: &str, guest_args: &str) {
         rng.sleep(3000);
     }
     let cycles_took = started.elapsed();
-    let after = queue_counters(&vm, "disk0");
+    let after = vm.queue_counters("disk0");
     assert!(
         after["requests"].as_u64() > before["requests"].as_u64(),
         "disk0 did I/O while its notify mode was switched: {before} -> {after}"

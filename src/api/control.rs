@@ -53,6 +53,8 @@ pub struct VmView<'a> {
     pub exit: &'a ExitNotifier,
     pub memory: &'a GuestMemoryMmap,
     pub ged: &'a GedEvents,
+    pub vm_fd: &'a kvm_ioctls::VmFd,
+    pub serial: Option<&'a std::sync::Mutex<crate::devices::serial::SerialDevice>>,
 }
 
 pub struct RunControl {
@@ -141,6 +143,15 @@ impl RunControl {
                 vm.exit.notify(VmExitReason::ApiKill);
                 ApiResponse::no_content()
             }
+            VmAction::Snapshot { dir } => {
+                if self.state != RunState::Paused {
+                    return ApiResponse::error(
+                        409,
+                        "the VM must be paused for a snapshot: vm.pause first",
+                    );
+                }
+                self.snapshot(vm, dir)
+            }
             VmAction::SetIoeventfd { id, on } => {
                 let Some(device) = vm.pci.device(id) else {
                     return ApiResponse::error(404, format!("no device `{id}`"));
@@ -148,6 +159,32 @@ impl RunControl {
                 let mut device = device.lock().unwrap();
                 device.set_ioeventfd(*on);
                 ApiResponse::ok(device_info(id, &device))
+            }
+        }
+    }
+
+    fn snapshot(&self, vm: &VmView, dir: &std::path::Path) -> ApiResponse {
+        let started = Instant::now();
+        let sources = crate::vmm::snapshot::Sources {
+            vm_fd: vm.vm_fd,
+            vcpus: vm.vcpus,
+            memory: vm.memory,
+            serial: vm.serial,
+            pci: vm.pci,
+        };
+        match crate::vmm::snapshot::capture(&sources, dir) {
+            Ok(()) => {
+                log::info!(
+                    "snapshot written to {} in {:?}",
+                    dir.display(),
+                    started.elapsed()
+                );
+                ApiResponse::no_content()
+            }
+            Err(e) => {
+                log::warn!("snapshot to {} failed: {e}", dir.display());
+                let status = if e.is_config_error() { 400 } else { 500 };
+                ApiResponse::error(status, format!("snapshot: {e}"))
             }
         }
     }

@@ -9,6 +9,7 @@
 //! | `PUT /api/v1/vm.resume` | 204; 409 if not paused |
 //! | `PUT /api/v1/vm.shutdown` [`{"timeout_secs": N}`] | 202: the ACPI power button is pressed (the guest shuts down and powers off; exit 0); with `timeout_secs`, a guest still running N s later is paused (in-flight I/O completes) and ended; 409 if paused |
 //! | `PUT /api/v1/vm.kill` | 204: the VM ends at once (exit 0) |
+//! | `PUT /api/v1/vm.snapshot` `{"destination_url": "file:///DIR"}` | 204 once DIR holds a snapshot of the paused VM (`kickvm run <same options> --restore DIR` continues it); 409 if running; 400 if a device cannot be saved (vhost-user) |
 //! | `PUT /api/v1/vm.device-ioeventfd` `{"id": "disk0", "ioeventfd": "on"\|"off"}` | 200: the device's info |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed request or body), 404 (unknown path or

@@ -37,6 +37,10 @@ pub enum VmAction {
         grace: Option<Duration>,
     },
     Kill,
+    /// Write a snapshot of the paused VM into a directory.
+    Snapshot {
+        dir: std::path::PathBuf,
+    },
     SetIoeventfd {
         id: String,
         on: bool,
@@ -338,6 +342,7 @@ pub fn route(request: &Request) -> Result<VmAction, ApiResponse> {
         "vm.shutdown" => ("PUT", parse_shutdown_body(request)?),
         "vm.kill" => ("PUT", VmAction::Kill),
         "vm.device-ioeventfd" => ("PUT", parse_ioeventfd_body(request)?),
+        "vm.snapshot" => ("PUT", parse_snapshot_body(request)?),
         _ => {
             return Err(ApiResponse::error(
                 404,
@@ -408,6 +413,21 @@ fn parse_shutdown_body(request: &Request) -> Result<VmAction, ApiResponse> {
         },
     };
     Ok(VmAction::Shutdown { grace })
+}
+
+/// `vm.snapshot` takes `{"destination_url": "file:///DIR"}` (cloud-hypervisor's body).
+fn parse_snapshot_body(request: &Request) -> Result<VmAction, ApiResponse> {
+    let object = put_body_object(request, &["destination_url"])?;
+    let url = object
+        .get("destination_url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request("`destination_url` (\"file:///DIR\") is required".into()))?;
+    match url.strip_prefix("file://") {
+        Some(dir) if dir.starts_with('/') => Ok(VmAction::Snapshot { dir: dir.into() }),
+        _ => Err(bad_request(format!(
+            "`destination_url` must be a file:// URL of an absolute directory, not `{url}`"
+        ))),
+    }
 }
 
 fn parse_ioeventfd_body(request: &Request) -> Result<VmAction, ApiResponse> {
@@ -516,6 +536,32 @@ mod tests {
         ] {
             assert_eq!(status("PUT", path, body), 400, "{body}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_takes_a_file_url_of_an_absolute_directory() {
+        let path = "/api/v1/vm.snapshot";
+        assert_eq!(
+            route(&request(
+                "PUT",
+                path,
+                r#"{"destination_url": "file:///var/snap"}"#
+            ))
+            .unwrap(),
+            VmAction::Snapshot {
+                dir: "/var/snap".into()
+            }
+        );
+        for body in [
+            "",
+            r#"{"destination_url": "/var/snap"}"#,
+            r#"{"destination_url": "file://relative"}"#,
+            r#"{"destination_url": "http://host/snap"}"#,
+            r#"{"destination_url": "file:///a", "more": 1}"#,
+        ] {
+            assert_eq!(status("PUT", path, body), 400, "{body}");
+        }
+        assert_eq!(status("GET", path, ""), 405);
     }
 
     #[test]

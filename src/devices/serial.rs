@@ -4,9 +4,11 @@
 use std::io::Write;
 
 use kickvm_bus::BusDevice;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vmm::snapshot::SerialSnapshot;
 
 /// Raises the serial interrupt by signalling an eventfd that KVM routes to a GSI (irqfd).
 pub struct IrqTrigger(pub EventFd);
@@ -29,6 +31,48 @@ impl SerialDevice {
     pub fn new(irq: EventFd, output: SerialOutput) -> Self {
         SerialDevice {
             serial: Serial::new(IrqTrigger(irq), output),
+        }
+    }
+
+    /// The port as a snapshot saved it; an interrupt it had pending is raised again.
+    pub fn from_snapshot(
+        irq: EventFd,
+        output: SerialOutput,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = saved.registers;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(&state, IrqTrigger(irq), NoEvents, output)
+            .map(|serial| SerialDevice { serial })
+            .map_err(|e| format!("serial port state: {e:?}"))
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -79,6 +123,29 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn registers_and_pending_input_survive_a_snapshot() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Box::new(Capture::default()));
+        dev.write(0x3f8, 7, &[0x5a]); // scratch
+        dev.write(0x3f8, 3, &[0x03]); // 8N1
+        dev.enqueue_input(b"ab");
+        let saved = dev.snapshot();
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored =
+            SerialDevice::from_snapshot(irq, Box::new(Capture::default()), &saved).unwrap();
+        let read = |d: &mut SerialDevice, offset| {
+            let mut b = [0u8];
+            d.read(0x3f8, offset, &mut b);
+            b[0]
+        };
+        assert_eq!(read(&mut restored, 7), 0x5a);
+        assert_eq!(read(&mut restored, 3), 0x03);
+        assert_eq!(read(&mut restored, 0), b'a');
+        assert_eq!(read(&mut restored, 0), b'b');
     }
 
     #[test]

@@ -508,6 +508,17 @@ fn set_lvt_delivery_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode:
 
 /// Configures one vCPU: CPUID, MSRs, FPU and LAPIC for all; registers only for the boot vCPU
 /// (the others wait for INIT/SIPI from the guest in the in-kernel LAPIC).
+/// The CPUID a vCPU shows its guest: all a restored vCPU needs before its saved state is
+/// loaded (CPUID is not part of a snapshot; the same options give the same).
+pub fn set_cpuid(vcpu: &VcpuFd, index: u8, cpus: u8, base_cpuid: &CpuId) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(&cpuid_for_vcpu(base_cpuid, index, cpus))
+        .map_err(|source| CpuError::Setup {
+            vcpu: index,
+            what: "KVM_SET_CPUID2",
+            source,
+        })
+}
+
 pub fn configure_vcpu(
     vcpu: &VcpuFd,
     index: u8,
@@ -522,8 +533,7 @@ pub fn configure_vcpu(
             source,
         }
     };
-    vcpu.set_cpuid2(&cpuid_for_vcpu(base_cpuid, index, cpus))
-        .map_err(setup("KVM_SET_CPUID2"))?;
+    set_cpuid(vcpu, index, cpus, base_cpuid)?;
 
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).expect("the boot MSR list fits a kvm_msrs");

@@ -8,6 +8,7 @@ pub mod exit;
 pub mod irq;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 
@@ -62,6 +63,11 @@ pub enum VmError {
     },
     #[error(transparent)]
     Pci(#[from] kickvm_virtio::AttachError),
+    #[error("restoring {dir}: {source}")]
+    Restore {
+        dir: PathBuf,
+        source: snapshot::SnapshotError,
+    },
     #[error("cannot place {what} on the {bus} bus: {source}")]
     Bus {
         what: &'static str,
@@ -80,6 +86,7 @@ impl VmError {
             | VmError::SerialFile { .. } => true,
             VmError::Boot(e) => e.is_config_error(),
             VmError::Memory(MemoryError::Map { .. }) => true,
+            VmError::Restore { source, .. } => source.is_config_error(),
             VmError::Pci(e) => matches!(
                 e,
                 kickvm_virtio::AttachError::Image { .. }
@@ -122,6 +129,8 @@ pub struct Vm {
     /// The ACPI power button (through the GED) with which `vm.shutdown` asks the guest.
     ged: Arc<GedEvents>,
     vcpus: Vec<VcpuFd>,
+    /// The MSRs a vCPU's snapshot holds: KVM's list of MSRs to save.
+    msr_list: Arc<[u32]>,
     /// PCI root, GSI routing and the virtio devices; their I/O threads live as long as this.
     pci: kickvm_virtio::PciDevices,
     /// The control API (`--api-socket`), served while the VM runs; its socket goes with it.
@@ -168,30 +177,57 @@ impl Vm {
         memory::register_with_kvm(&vm_fd, &memory)?;
         log::debug!("guest memory registered");
 
+        let restore_err = |dir: &std::path::Path| {
+            let dir = dir.to_path_buf();
+            move |source| VmError::Restore { dir, source }
+        };
+        let restoring = match &config.restore {
+            Some(dir) => {
+                let saved = snapshot::Snapshot::read(dir).map_err(restore_err(dir))?;
+                saved
+                    .check_matches(config.cpus, &memory)
+                    .map_err(restore_err(dir))?;
+                snapshot::Snapshot::load_memory(dir, &memory).map_err(restore_err(dir))?;
+                log::debug!("guest memory restored from {}", dir.display());
+                Some((dir.as_path(), saved))
+            }
+            None => None,
+        };
+
         let exit = Arc::new(ExitNotifier::new().map_err(host_err("creating the exit eventfd"))?);
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
 
         let serial_to_stdout = config.serial == SerialConfig::Stdout;
-        let serial = match serial_output {
-            Some(output) => {
-                let irq = EventFd::new(libc::EFD_NONBLOCK)
-                    .map_err(host_err("creating the serial irqfd"))?;
-                vm_fd
-                    .register_irqfd(&irq, layout::SERIAL_IRQ)
-                    .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-                let serial = Arc::new(Mutex::new(SerialDevice::new(irq, output)));
-                insert_pio(
-                    &pio_bus,
-                    serial.clone(),
-                    "serial port",
-                    layout::SERIAL_PORT_BASE,
-                    layout::SERIAL_PORT_LEN,
-                )?;
-                Some(serial)
-            }
-            None => None,
-        };
+        let serial =
+            match serial_output {
+                Some(output) => {
+                    let irq = EventFd::new(libc::EFD_NONBLOCK)
+                        .map_err(host_err("creating the serial irqfd"))?;
+                    vm_fd
+                        .register_irqfd(&irq, layout::SERIAL_IRQ)
+                        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+                    let device =
+                        match restoring.as_ref().and_then(|(_, s)| s.serial.as_ref()) {
+                            Some(saved) => SerialDevice::from_snapshot(irq, output, saved)
+                                .map_err(|detail| VmError::Restore {
+                                    dir: config.restore.clone().unwrap_or_default(),
+                                    source: snapshot::SnapshotError::Serial(detail),
+                                })?,
+                            None => SerialDevice::new(irq, output),
+                        };
+                    let serial = Arc::new(Mutex::new(device));
+                    insert_pio(
+                        &pio_bus,
+                        serial.clone(),
+                        "serial port",
+                        layout::SERIAL_PORT_BASE,
+                        layout::SERIAL_PORT_LEN,
+                    )?;
+                    Some(serial)
+                }
+                None => None,
+            };
         insert_pio(
             &pio_bus,
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
@@ -221,7 +257,7 @@ impl Vm {
         )?;
 
         let vm_fd = Arc::new(vm_fd);
-        let pci = crate::devices::pci_devices::attach(
+        let mut pci = crate::devices::pci_devices::attach(
             &vm_fd,
             &memory,
             &pio_bus,
@@ -238,23 +274,6 @@ impl Vm {
             CpuProfile::Auto if cpu::host_is_pvm() => CpuModel::PvmSafe,
             CpuProfile::Auto => CpuModel::Host,
         };
-        let entry = boot::load(
-            &memory,
-            &BootConfig {
-                kernel: &config.kernel,
-                initramfs: config.initramfs.as_deref(),
-                cmdline: &config.cmdline,
-                mem_size: config.memory_bytes,
-                cpus: config.cpus,
-                linux_extra_args: match model {
-                    CpuModel::PvmSafe => cpu::PVM_LINUX_KERNEL_ARGS,
-                    CpuModel::Host => &[],
-                },
-            },
-        )?;
-        cpu::write_boot_tables(&memory, &entry)?;
-        log::debug!("kernel loaded, boot tables written");
-
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let fd = vm_fd
@@ -268,9 +287,48 @@ impl Vm {
             .ok()
             .filter(|&khz| khz > 0);
         let base_cpuid = cpu::base_cpuid(&kvm, model, tsc_khz)?;
-        for (index, fd) in vcpus.iter().enumerate() {
-            cpu::configure_vcpu(fd, index as u8, config.cpus, &base_cpuid, &entry)?;
+
+        if let Some((dir, saved)) = &restoring {
+            // Guest RAM already holds the kernel and boot tables; the vCPUs, irqchip and
+            // devices take up where the snapshot left them.
+            // The devices last: restoring them may complete requests and send interrupts,
+            // which a later KVM_SET_LAPIC or KVM_SET_IRQCHIP would wipe.
+            saved.vm.restore(&vm_fd).map_err(restore_err(dir))?;
+            for (index, (fd, state)) in vcpus.iter().zip(&saved.vcpus).enumerate() {
+                cpu::set_cpuid(fd, index as u8, config.cpus, &base_cpuid)?;
+                state.restore(fd, index as u8).map_err(restore_err(dir))?;
+            }
+            pci.restore(&saved.devices)
+                .map_err(|e| restore_err(dir)(snapshot::SnapshotError::Devices(e)))?;
+            log::info!("VM restored from {}", dir.display());
+        } else {
+            let entry = boot::load(
+                &memory,
+                &BootConfig {
+                    kernel: &config.kernel,
+                    initramfs: config.initramfs.as_deref(),
+                    cmdline: &config.cmdline,
+                    mem_size: config.memory_bytes,
+                    cpus: config.cpus,
+                    linux_extra_args: match model {
+                        CpuModel::PvmSafe => cpu::PVM_LINUX_KERNEL_ARGS,
+                        CpuModel::Host => &[],
+                    },
+                },
+            )?;
+            cpu::write_boot_tables(&memory, &entry)?;
+            log::debug!("kernel loaded, boot tables written");
+            for (index, fd) in vcpus.iter().enumerate() {
+                cpu::configure_vcpu(fd, index as u8, config.cpus, &base_cpuid, &entry)?;
+            }
         }
+        let msr_list: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().into())
+            .unwrap_or_else(|e| {
+                log::warn!("KVM_GET_MSR_INDEX_LIST: {e}; snapshots will hold no MSRs");
+                Arc::from(Vec::new())
+            });
 
         Ok(Vm {
             vm_fd,
@@ -282,6 +340,7 @@ impl Vm {
             serial_to_stdout,
             ged,
             vcpus,
+            msr_list,
             pci,
             api: None,
             _kvm: kvm,
@@ -340,6 +399,7 @@ impl Vm {
                 pio_bus: self.pio_bus.clone(),
                 mmio_bus: self.mmio_bus.clone(),
                 exit: self.exit.clone(),
+                msr_list: self.msr_list.clone(),
             };
             match vcpu.start() {
                 Ok(handle) => handles.push(handle),
@@ -447,6 +507,8 @@ impl Vm {
             exit: &self.exit,
             memory: &self.memory,
             ged: &self.ged,
+            vm_fd: &self.vm_fd,
+            serial: self.serial.as_deref(),
         }
     }
 

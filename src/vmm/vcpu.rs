@@ -1,7 +1,8 @@
 //! vCPU threads: each runs KVM_RUN in a loop and dispatches port-I/O and MMIO exits to the
 //! buses. A [`VcpuHandle`] lets the main thread kick its vCPU out of KVM_RUN (a signal that
 //! sets `immediate_exit`, so a kick that lands just before KVM_RUN is not lost), and pause,
-//! resume or stop it through a shared run state.
+//! resume or stop it through a shared run state. A paused vCPU hands over its KVM state on
+//! request ([`VcpuHandle::save_state`]), for snapshots.
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
@@ -15,6 +16,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::exit::{ExitNotifier, VmExitReason};
+use super::snapshot::{SnapshotError, VcpuState};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU thread out of KVM_RUN.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -161,6 +163,9 @@ pub struct VcpuShared {
     changed: Condvar,
     /// Set by [`VcpuHandle::request_register_dump`]; the vCPU logs its registers when kicked.
     dump_registers: AtomicBool,
+    /// Set by [`VcpuHandle::save_state`]; the parked vCPU answers in `saved_state`.
+    save_requested: AtomicBool,
+    saved_state: Mutex<Option<Result<VcpuState, SnapshotError>>>,
     pub stats: VcpuStats,
 }
 
@@ -171,6 +176,8 @@ impl VcpuShared {
             reached: Mutex::new(VcpuRunState::Running),
             changed: Condvar::new(),
             dump_registers: AtomicBool::new(false),
+            save_requested: AtomicBool::new(false),
+            saved_state: Mutex::new(None),
             stats: VcpuStats::default(),
         }
     }
@@ -239,6 +246,33 @@ impl VcpuHandle {
         }
     }
 
+    /// The KVM state of this paused vCPU, read by its own thread (KVM takes vCPU ioctls only
+    /// from the thread that runs it).
+    pub fn save_state(&self) -> Result<VcpuState, SnapshotError> {
+        *self.shared.saved_state.lock().unwrap() = None;
+        self.shared.save_requested.store(true, Ordering::Release);
+        let reached = self.shared.reached.lock().unwrap();
+        if *reached != VcpuRunState::Paused {
+            self.shared.save_requested.store(false, Ordering::Release);
+            return Err(SnapshotError::NotPaused);
+        }
+        self.shared.changed.notify_all();
+        let reached = self
+            .shared
+            .changed
+            .wait_while(reached, |s| {
+                *s == VcpuRunState::Paused && self.shared.saved_state.lock().unwrap().is_none()
+            })
+            .unwrap();
+        drop(reached);
+        self.shared
+            .saved_state
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or(Err(SnapshotError::VcpuGone(self.index)))
+    }
+
     /// Makes the vCPU log its registers (at warn level) the next time it leaves KVM_RUN, which
     /// the kick forces: how a user sees where a silent guest is (SIGUSR1 to kickvm).
     pub fn request_register_dump(&self) {
@@ -267,6 +301,8 @@ pub struct Vcpu {
     pub pio_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
     pub exit: Arc<ExitNotifier>,
+    /// The MSRs a snapshot saves (KVM's list of MSRs to save).
+    pub msr_list: Arc<[u32]>,
 }
 
 impl Vcpu {
@@ -305,7 +341,7 @@ impl Vcpu {
             match shared.requested() {
                 VcpuRunState::Running => {}
                 VcpuRunState::Paused => {
-                    if !wait_while_paused(shared) {
+                    if !self.wait_while_paused(shared) {
                         return;
                     }
                 }
@@ -319,6 +355,50 @@ impl Vcpu {
                     return;
                 }
             }
+        }
+    }
+
+    /// Parks a paused vCPU until it is resumed (true) or stopped (false), handing over its
+    /// state when asked.
+    fn wait_while_paused(&mut self, shared: &VcpuShared) -> bool {
+        let mut reached = shared.reached.lock().unwrap();
+        *reached = VcpuRunState::Paused;
+        shared.changed.notify_all();
+        while shared.requested() == VcpuRunState::Paused {
+            if shared.save_requested.swap(false, Ordering::AcqRel) {
+                drop(reached);
+                let state = self
+                    .complete_pending_exit()
+                    .and_then(|()| VcpuState::save(&self.fd, self.index, &self.msr_list));
+                *shared.saved_state.lock().unwrap() = Some(state);
+                reached = shared.reached.lock().unwrap();
+                shared.changed.notify_all();
+                continue;
+            }
+            reached = shared.changed.wait(reached).unwrap();
+        }
+        let requested = shared.requested();
+        *reached = requested;
+        shared.changed.notify_all();
+        requested == VcpuRunState::Running
+    }
+
+    /// Lets KVM finish the instruction the last exit was for (an IN or MMIO read takes its
+    /// value from kvm_run on the next KVM_RUN), without running guest code: KVM_RUN with
+    /// `immediate_exit` completes it and returns EINTR. Saved before that, the registers
+    /// would miss the value read.
+    fn complete_pending_exit(&mut self) -> Result<(), SnapshotError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(SnapshotError::Vcpu {
+                vcpu: self.index,
+                what: "KVM_RUN (completing the last exit)",
+                source,
+            }),
+            Ok(()) => Ok(()),
         }
     }
 
@@ -490,20 +570,6 @@ impl Vcpu {
         );
         true
     }
-}
-
-/// Parks a paused vCPU until it is resumed (true) or stopped (false).
-fn wait_while_paused(shared: &VcpuShared) -> bool {
-    let mut reached = shared.reached.lock().unwrap();
-    *reached = VcpuRunState::Paused;
-    shared.changed.notify_all();
-    while shared.requested() == VcpuRunState::Paused {
-        reached = shared.changed.wait(reached).unwrap();
-    }
-    let requested = shared.requested();
-    *reached = requested;
-    shared.changed.notify_all();
-    requested == VcpuRunState::Running
 }
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;

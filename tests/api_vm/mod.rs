@@ -138,6 +138,18 @@ impl ApiVm {
             .clone()
     }
 
+    /// `id`'s first queue in vm.counters.
+    pub fn queue_counters(&self, id: &str) -> Value {
+        let counters = self.ok("GET", "vm.counters", None);
+        counters["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap_or_else(|| panic!("no device {id} in vm.counters"))["queues"][0]
+            .clone()
+    }
+
     /// Waits (up to 30 s) until the guest's driver has set `id` up.
     pub fn wait_until_active(&self, id: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
