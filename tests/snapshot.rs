@@ -33,6 +33,23 @@ fn a_vm_restored_from_a_snapshot_mid_blk_verify_finishes_it_with_no_error_legacy
 }
 
 #[test]
+fn a_vm_restored_from_a_snapshot_mid_blk_verify_finishes_it_with_no_error_intx() {
+    snapshot_and_restore_under_blk_verify("snap-intx", "completion=irq irq=intx", "ioeventfd=on");
+}
+
+/// The guest gave the disk's BARs new addresses before the snapshot: the restored device
+/// answers, and its doorbells are ioeventfds, at those.
+#[test]
+fn a_vm_restored_from_a_snapshot_mid_blk_verify_finishes_it_with_no_error_moved_bars() {
+    snapshot_and_restore_under_blk_verify("snap-bars", "completion=irq bars=move", "ioeventfd=on");
+    snapshot_and_restore_under_blk_verify(
+        "snap-bars-legacy",
+        "transport=legacy completion=irq bars=move",
+        "ioeventfd=on",
+    );
+}
+
+#[test]
 fn a_vm_restored_from_a_snapshot_mid_blk_verify_finishes_it_with_no_error_sync_kicks() {
     snapshot_and_restore_under_blk_verify("snap-sync", "completion=irq", "ioeventfd=off");
 }

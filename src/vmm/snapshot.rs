@@ -527,7 +527,10 @@ mod tests {
         assert_eq!(restored.read_obj::<u32>(end).unwrap(), 0xdead_beef);
         // Fresh RAM is zero where the snapshot has holes; this byte was written only to see
         // that holes are skipped, not read.
-        assert_eq!(restored.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xff);
+        assert_eq!(
+            restored.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(),
+            0xff
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
