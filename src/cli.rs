@@ -79,6 +79,12 @@ pub enum RemoteCommandArgs {
     Stats,
     /// Counters as JSON.
     Counters,
+    /// Write a snapshot of the paused VM into DIR (created if missing); `kickvm run` with the
+    /// same options and `--restore DIR` continues it.
+    Snapshot {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 impl From<RemoteCommandArgs> for crate::remote::RemoteCommand {
@@ -96,6 +102,7 @@ impl From<RemoteCommandArgs> for crate::remote::RemoteCommand {
             },
             RemoteCommandArgs::Stats => R::Stats,
             RemoteCommandArgs::Counters => R::Counters,
+            RemoteCommandArgs::Snapshot { dir } => R::Snapshot { dir },
         }
     }
 }

@@ -30,6 +30,9 @@ pub enum RemoteCommand {
     Stats,
     /// Counters as the API's JSON.
     Counters,
+    Snapshot {
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,16 @@ pub fn run(socket: &Path, command: &RemoteCommand) -> Result<String, RemoteError
         }
         RemoteCommand::Kill => {
             call(socket, "PUT", "vm.kill", None)?;
+            String::new()
+        }
+        RemoteCommand::Snapshot { dir } => {
+            // The VM may run in another directory: it is given an absolute path.
+            let dir = std::path::absolute(dir).map_err(|e| {
+                RemoteError::Protocol(format!("snapshot directory {}: {e}", dir.display()))
+            })?;
+            let url = format!("file://{}", dir.display());
+            let body = serde_json::json!({ "destination_url": url }).to_string();
+            call(socket, "PUT", "vm.snapshot", Some(&body))?;
             String::new()
         }
         RemoteCommand::Ioeventfd { device, on } => {

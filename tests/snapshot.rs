@@ -145,8 +145,19 @@ fn restoring_with_other_options_or_from_a_bad_snapshot_is_a_one_line_error() {
     );
     vm.wait_until_active("disk0");
     assert_eq!(vm.call("PUT", "vm.pause", None).0, 204);
-    let (status, body) = vm.call("PUT", "vm.snapshot", Some(&snapshot_url(&snapshot)));
-    assert_eq!(status, 204, "{body}");
+    // `kickvm remote snapshot` is the same call.
+    let remote = std::process::Command::new(common::kickvm_binary())
+        .args([
+            "remote",
+            "--api-socket",
+            vm.socket.to_str().unwrap(),
+            "snapshot",
+        ])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    assert!(remote.status.success(), "{remote:?}");
+    assert!(snapshot.join("state.json").exists() && snapshot.join("memory").exists());
     assert_eq!(vm.call("PUT", "vm.kill", None).0, 204);
     vm.finish(Duration::from_secs(30)).assert_exit_code(0);
 
