@@ -3,7 +3,7 @@
 CARGO ?= cargo
 GUEST := target/guest/kickvm-guest
 
-.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user lint clean
+.PHONY: all build guest demo test test-linux bench bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user bench-snapshot lint clean
 
 all: build guest
 
@@ -25,7 +25,7 @@ test-linux:
 	./scripts/fetch-linux.sh
 	$(CARGO) test --release --test linux_smoke -- --ignored --nocapture
 
-bench: bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user
+bench: bench-boot bench-blk bench-blk-pressure bench-net bench-vhost-user bench-snapshot
 
 bench-boot: build guest
 	./bench/boot.py
@@ -41,6 +41,9 @@ bench-net: build guest
 
 bench-vhost-user: build guest
 	./bench/vhost_user.py
+
+bench-snapshot: build guest
+	./bench/snapshot.py
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -402,13 +402,18 @@ fn region_bytes(region: &vm_memory::GuestRegionMmap<()>) -> &[u8] {
 
 fn write_memory(path: &Path, memory: &GuestMemoryMmap) -> std::io::Result<()> {
     let mut file = File::create(path)?;
+    let pagemap = File::open("/proc/self/pagemap").ok();
     let mut offset = 0u64;
     for region in memory.iter() {
         let bytes = region_bytes(region);
-        for chunk in bytes.chunks(CHUNK) {
-            // Pages the guest never touched read as zeroes without being faulted in, but
-            // reading them still costs; mincore would tell, but zero checks are cheap enough.
-            if chunk.iter().any(|&b| b != 0) {
+        let backed = pagemap
+            .as_ref()
+            .and_then(|pagemap| backed_chunks(pagemap, bytes).ok());
+        for (index, chunk) in bytes.chunks(CHUNK).enumerate() {
+            // A chunk with no page in RAM or swap was never written: it reads as zeroes, so
+            // it need not be read at all (reading 2 GiB of untouched RAM took ~1.3 s).
+            let maybe_data = backed.as_ref().is_none_or(|b| b[index]);
+            if maybe_data && chunk.iter().any(|&b| b != 0) {
                 file.seek(SeekFrom::Start(offset))?;
                 file.write_all(chunk)?;
             }
@@ -417,6 +422,26 @@ fn write_memory(path: &Path, memory: &GuestMemoryMmap) -> std::io::Result<()> {
     }
     file.set_len(offset)?;
     file.sync_all()
+}
+
+/// For each [`CHUNK`] of `bytes`, whether any of its pages is present or swapped out, from
+/// this process's page map (bit 63 present, bit 62 swapped; readable without privileges).
+fn backed_chunks(pagemap: &File, bytes: &[u8]) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    const PRESENT_OR_SWAPPED: u64 = 3 << 62;
+    let first_page = bytes.as_ptr() as usize / PAGE;
+    let pages = bytes.len().div_ceil(PAGE);
+    let mut entries = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut entries, (first_page * 8) as u64)?;
+    Ok(entries
+        .chunks(CHUNK / PAGE * 8)
+        .map(|chunk| {
+            chunk
+                .chunks_exact(8)
+                .any(|e| u64::from_ne_bytes(e.try_into().unwrap()) & PRESENT_OR_SWAPPED != 0)
+        })
+        .collect())
 }
 
 fn read_memory(path: &Path, memory: &GuestMemoryMmap) -> Result<(), SnapshotError> {
