@@ -511,6 +511,80 @@ fn host_to_guest_udp_counts_match_with_ioeventfd_on_off_and_auto() {
     });
 }
 
+/// A guest serving pings and UDP echo is paused, snapshotted and killed; a kickvm restored
+/// from the snapshot on the same tap answers again, where the guest left off (its counters
+/// include the pings before the snapshot).
+#[test]
+fn a_vm_restored_from_a_snapshot_answers_pings_and_echo_on_the_same_tap() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = Netns::new(2);
+    let dir = scratch_dir("net-snapshot");
+    let socket = dir.join("api.sock");
+    let snapshot = dir.join("snapshot");
+    let guest = test_guest().to_str().unwrap().to_string();
+    let cmdline = format!("workload=net-echo ip={GUEST_IP}/24 secs=60");
+    let net = format!("tap={TAP},queues=2");
+    let start = |restore: bool| {
+        let _ = std::fs::remove_file(&socket);
+        let mut kickvm = ns.command(kickvm_binary());
+        kickvm
+            .args(["run", "--kernel", &guest, "--cmdline", &cmdline])
+            .args(["--cpus", "2", "--net", &net, "--api-socket"])
+            .arg(&socket);
+        if restore {
+            kickvm.arg("--restore").arg(&snapshot);
+        }
+        Vm::spawn(kickvm)
+    };
+    let remote = |args: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = Command::new(kickvm_binary())
+            .arg("remote")
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "remote {args:?}: {out:?}");
+    };
+
+    let mut first = start(false);
+    assert_eq!(first.wait_net_up()["pairs"], "2");
+    let ping = ns.peer(&["ping", GUEST_IP, "5"], Duration::from_secs(20));
+    assert_eq!(num(&ping, "ok"), 5);
+    remote(&["pause"]);
+    remote(&["snapshot", snapshot.to_str().unwrap()]);
+    remote(&["kill"]);
+    let out = wait_with_timeout(first.child, Duration::from_secs(30));
+    out.assert_exit_code(0);
+
+    let second = start(true);
+    let ping = ns.peer(&["ping", GUEST_IP, "10"], Duration::from_secs(20));
+    assert_eq!(num(&ping, "ok"), 10, "the restored guest answers: {ping:?}");
+    let echo = ns.peer(
+        &["echo", GUEST_IP, "200000", "64,1000", "45"],
+        Duration::from_secs(50),
+    );
+    assert_eq!(
+        (num(&echo, "mismatches"), num(&echo, "lost")),
+        (0, 0),
+        "{echo:?}"
+    );
+    assert!(num(&echo, "bytes") >= 200000, "{echo:?}");
+    ns.peer(&["stop", GUEST_IP], Duration::from_secs(10));
+    let result = second.finish("net-echo", Duration::from_secs(60));
+    assert!(
+        num(&result, "icmp") >= 15,
+        "pings before and after: {result:?}"
+    );
+    assert_eq!(result["pairs"], "2");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn two_vcpus_get_a_queue_pair_each_and_both_echo() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
