@@ -17,7 +17,7 @@
 use kickvm_pci::{ConfigSnapshot, MsixError, MsixSnapshot, PciError};
 use serde::{Deserialize, Serialize};
 
-use crate::transport::TransportKind;
+use crate::transport::{Registers, TransportKind};
 
 /// Bumped whenever a saved field changes meaning; a snapshot of another version is refused.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -47,15 +47,10 @@ pub struct PciDeviceSnapshot {
 pub struct TransportSnapshot {
     pub device_type: u16,
     pub kind: TransportKind,
-    /// What the device offered: a device built from other options (a read-only image, a
-    /// file system without discard) may not offer what the driver accepted.
-    pub device_features: u64,
-    pub driver_features: u64,
-    pub device_feature_select: u32,
-    pub driver_feature_select: u32,
-    pub status: u8,
-    pub queue_select: u16,
-    pub config_generation: u8,
+    /// The transport's registers as the driver left them, device features included: a device
+    /// built from other options (a read-only image, a file system without discard) may not
+    /// offer what the driver accepted.
+    pub registers: Registers,
     pub config_vector: u16,
     /// Unread ISR bits (INTx): the line is raised again on restore while they are set.
     pub isr: u8,
@@ -69,16 +64,10 @@ pub struct TransportSnapshot {
     pub device: DeviceState,
 }
 
-/// One virtqueue: the driver's configuration and, while active, the device's place in it.
+/// One virtqueue beyond its registers: its MSI-X vector and, while active, the device's place
+/// in its rings.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueSnapshot {
-    pub max_size: u16,
-    pub size: u16,
-    pub enabled: bool,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub legacy_pfn: u32,
     pub vector: u16,
     pub position: Option<QueuePosition>,
 }

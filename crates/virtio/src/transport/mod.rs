@@ -35,7 +35,8 @@ use crate::notifier::{Notifier, NotifyMode};
 use crate::snapshot::{QueuePosition, QueueSnapshot, SnapshotError, TransportSnapshot};
 use caps::*;
 pub use interrupt::{PciInterrupt, VIRTIO_MSI_NO_VECTOR};
-use registers::{legacy, Effect, Registers};
+use registers::{legacy, Effect};
+pub use registers::{QueueRegs, Registers};
 pub use registers::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
@@ -469,34 +470,17 @@ impl VirtioPciDevice {
                 });
             }
         }
-        let regs = &self.regs;
         Ok(TransportSnapshot {
             device_type,
             kind: self.kind,
-            device_features: regs.device_features,
-            driver_features: regs.driver_features,
-            device_feature_select: regs.device_feature_select,
-            driver_feature_select: regs.driver_feature_select,
-            status: regs.status,
-            queue_select: regs.queue_select,
-            config_generation: regs.config_generation,
+            registers: self.regs.clone(),
             config_vector: self.interrupt.config_vector(),
             isr: self.interrupt.isr(),
             needs_reset: self.interrupt.needs_reset(),
             active: handler.is_some(),
             ioeventfd: self.notifier.ioeventfd_property(),
-            queues: regs
-                .queues
-                .iter()
-                .enumerate()
-                .map(|(index, q)| QueueSnapshot {
-                    max_size: q.max_size,
-                    size: q.size,
-                    enabled: q.enabled,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    legacy_pfn: q.legacy_pfn,
+            queues: (0..self.regs.queues.len())
+                .map(|index| QueueSnapshot {
                     vector: self.interrupt.queue_vector(index),
                     position: handler.and_then(|h| h.queue_position(index)),
                 })
@@ -540,15 +524,15 @@ impl VirtioPciDevice {
                 sizes.join(", ")
             )
         };
-        let saved = sizes(&mut snapshot.queues.iter().map(|q| q.max_size));
+        let saved = sizes(&mut snapshot.registers.queues.iter().map(|q| q.max_size));
         let actual = sizes(&mut self.regs.queues.iter().map(|q| q.max_size));
         if saved != actual {
             return mismatch("queues", saved, actual);
         }
-        if snapshot.device_features != self.regs.device_features {
+        if snapshot.registers.device_features != self.regs.device_features {
             return mismatch(
                 "device features",
-                format!("{:#x}", snapshot.device_features),
+                format!("{:#x}", snapshot.registers.device_features),
                 format!("{:#x}", self.regs.device_features),
             );
         }
@@ -576,20 +560,9 @@ impl VirtioPciDevice {
         self.device
             .restore(&snapshot.device)
             .map_err(|e| SnapshotError::from_device(snapshot.device_type, &self.id, e))?;
-        let regs = &mut self.regs;
-        regs.driver_features = snapshot.driver_features;
-        regs.device_feature_select = snapshot.device_feature_select;
-        regs.driver_feature_select = snapshot.driver_feature_select;
-        regs.status = snapshot.status;
-        regs.queue_select = snapshot.queue_select;
-        regs.config_generation = snapshot.config_generation;
-        for (index, (q, saved)) in regs.queues.iter_mut().zip(&snapshot.queues).enumerate() {
-            q.size = saved.size;
-            q.enabled = saved.enabled;
-            q.desc = saved.desc;
-            q.avail = saved.avail;
-            q.used = saved.used;
-            q.legacy_pfn = saved.legacy_pfn;
+        // Checked equal above: what the device offers and its queues' maximum sizes.
+        self.regs = snapshot.registers.clone();
+        for (index, saved) in snapshot.queues.iter().enumerate() {
             self.interrupt.set_queue_vector(index, saved.vector);
         }
         self.interrupt.set_config_vector(snapshot.config_vector);
@@ -623,7 +596,7 @@ impl VirtioPciDevice {
         log::info!(
             "{}: restored (status {:#x}, {})",
             self.id,
-            snapshot.status,
+            snapshot.registers.status,
             if snapshot.active {
                 "active"
             } else {

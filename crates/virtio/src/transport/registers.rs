@@ -17,7 +17,7 @@ pub const LEGACY_HEADER: u64 = 0x14;
 pub const LEGACY_HEADER_MSIX: u64 = 0x18;
 pub const LEGACY_NOTIFY: u64 = 0x10;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueRegs {
     pub max_size: u16,
     pub size: u16,
@@ -38,7 +38,8 @@ pub enum Effect {
     QueueVector,
 }
 
-#[derive(Debug, Clone)]
+/// Also a device's snapshot of them (`crate::snapshot::TransportSnapshot`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registers {
     pub device_features: u64,
     pub driver_features: u64,
