@@ -14,7 +14,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion}
 
 use super::layout;
 
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub use kickvm_virtio::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

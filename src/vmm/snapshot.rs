@@ -393,7 +393,7 @@ pub fn ram_regions(memory: &GuestMemoryMmap) -> Vec<RamRegion> {
 const CHUNK: usize = 64 << 10;
 
 /// Host-side view of a whole region. Every region is one live mapping owned by `memory`.
-fn region_bytes(region: &vm_memory::GuestRegionMmap<()>) -> &[u8] {
+fn region_bytes(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &[u8] {
     // SAFETY: the mapping is `region.len()` bytes long and lives as long as `memory`. The
     // vCPUs are parked and the devices paused while a snapshot is written, and no vCPU has
     // run yet when one is read back, so nothing writes the range while the slice exists.

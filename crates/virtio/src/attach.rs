@@ -13,13 +13,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::GuestMemoryMmap;
 use kickvm_block::{BlockError, DiskImage, DiskOptions};
 use kickvm_bus::{Bus, BusError};
 use kickvm_pci::{
     BarAllocator, GsiRouter, IrqChip, IrqError, PciConfigIo, PciDevice, PciError, PciRoot,
     PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
-use vm_memory::GuestMemoryMmap;
 
 use crate::blk::{BlkDeviceError, BlkOptions, VirtioBlk};
 use crate::config::BlkConfig;

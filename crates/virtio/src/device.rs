@@ -9,8 +9,8 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::QueueCounters;

@@ -7,6 +7,7 @@ pub mod blk;
 pub mod config;
 pub mod counters;
 pub mod device;
+pub mod dirty;
 pub mod io_thread;
 pub mod ioevent;
 pub mod net;
@@ -26,3 +27,9 @@ pub use snapshot::{
     TransportSnapshot, SNAPSHOT_VERSION,
 };
 pub use transport::{TransportKind, VirtioPciDevice};
+
+/// Guest RAM as every device sees it. Each region carries a bitmap of the pages written through
+/// it (one atomic OR per page written, after the write), so a live migration can resend what
+/// the devices wrote while the guest ran; writes through raw host pointers (I/O submitted to
+/// the kernel) are marked by their device on completion.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

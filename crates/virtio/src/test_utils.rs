@@ -5,8 +5,9 @@ use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use kickvm_pci::{GsiRouter, IrqChip, IrqRoute};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ioevent::{Doorbell, IoeventRegistrar};

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use kickvm_bus::{Bus, IoAddress};
 use kickvm_virtio::ioevent::{Doorbell, IoeventRegistrar};
 use kickvm_virtio::notifier::{NotifyMode, SyncReason};
+use kickvm_virtio::GuestMemoryMmap;
 use kickvm_virtio::{BlkConfig, PciDevices, PciOptions};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;

@@ -11,11 +11,12 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use kickvm_block::{BlockEngine, BlockError, Completion, Request, RequestKind};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-use super::request::{parse, Parsed, RequestLimits};
+use super::request::{parse, Parsed, RequestLimits, Segments};
 use super::*;
 use crate::counters::QueueCounters;
 use crate::device::{QueueHandler, VirtioInterrupt};
@@ -42,6 +43,8 @@ const NOTIFY_CHUNK: usize = 16;
 struct InFlight {
     status: GuestAddress,
     used_len: u32,
+    /// Guest buffers the engine writes through host addresses: marked written on completion.
+    fills: Segments,
     /// A copy of a write, write-zeroes or flush, kept to make it again if the host file
     /// system is full (only when the disk pauses the VM for that).
     retry: Option<Request>,
@@ -249,6 +252,7 @@ impl BlkHandler {
                         request,
                         status,
                         used_len,
+                        fills,
                     } => {
                         let bytes = request.byte_len();
                         let retry = (self.pause_on_no_space.is_some()
@@ -260,6 +264,7 @@ impl BlkHandler {
                                 state.in_flight[usize::from(head)] = Some(InFlight {
                                     status,
                                     used_len,
+                                    fills,
                                     retry,
                                 });
                                 submitted = true;
@@ -373,6 +378,10 @@ impl BlkHandler {
                 log::error!("virtio-blk: completion for unknown head {head}");
                 continue;
             };
+            // Even a failed read may have filled part of its buffers.
+            for &(addr, len, _) in in_flight.fills.iter() {
+                crate::dirty::mark_written(&self.mem, addr, len as usize);
+            }
             let (value, used_len) = match completion.result {
                 Ok(_) => (VIRTIO_BLK_S_OK, in_flight.used_len),
                 Err(e) => {

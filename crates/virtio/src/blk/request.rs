@@ -4,9 +4,10 @@
 //! Layout (virtio 1.x 5.2.6): a device-readable 16-byte header `{type, reserved, sector}`, data
 //! buffers, and a device-writable status byte, which is the last byte of the last descriptor.
 
+use crate::GuestMemoryMmap;
 use kickvm_block::{Buffers, HostBuffer, InlineVec, Request};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
 
@@ -26,13 +27,19 @@ pub struct RequestLimits {
 }
 
 /// The outcome of parsing one chain.
+// Returned by value once per request and taken apart at once: boxing the large variant would
+// put a heap allocation on the I/O path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Parsed {
     /// Hand to the engine; on completion write the status at `status` and return `used_len`.
+    /// `fills`: the guest buffers the host writes through their host addresses (a read's),
+    /// marked written on completion.
     Submit {
         request: Request,
         status: GuestAddress,
         used_len: u32,
+        fills: Segments,
     },
     /// Answered without the engine (GET_ID, or a refused request).
     Answer {
@@ -55,9 +62,13 @@ fn answer(status: GuestAddress, value: u8) -> Parsed {
 
 /// A chain's data segments `(address, length, device-writable)`; the usual one or two are kept
 /// without a heap allocation (this runs for every request).
-type Segments = InlineVec<(GuestAddress, u32, bool), INLINE_SEGMENTS>;
+pub type Segments = InlineVec<(GuestAddress, u32, bool), INLINE_SEGMENTS>;
 
 const INLINE_SEGMENTS: usize = 4;
+
+fn no_fills() -> Segments {
+    Segments::new((GuestAddress(0), 0, false))
+}
 
 /// Adds a data segment; empty ones carry nothing and are left out.
 fn push_segment(segments: &mut Segments, segment: (GuestAddress, u32, bool)) {
@@ -80,7 +91,7 @@ pub fn parse(
         };
     };
     // Every descriptor between the header and the last one carries data.
-    let mut segments = Segments::new((GuestAddress(0), 0, false));
+    let mut segments = no_fills();
     let mut last = header_desc;
     let mut count = 1usize;
     for d in descriptors {
@@ -189,21 +200,28 @@ pub fn parse(
                     .push(unsafe { HostBuffer::new(slice.ptr_guard_mut().as_ptr(), len as usize) });
             }
             let user_data = u64::from(head);
-            let (request, used_len) = if is_read {
-                (Request::read(offset, buffers, user_data), total as u32 + 1)
+            let (request, used_len, fills) = if is_read {
+                let fills = segments.clone();
+                (
+                    Request::read(offset, buffers, user_data),
+                    total as u32 + 1,
+                    fills,
+                )
             } else {
-                (Request::write(offset, buffers, user_data), 1)
+                (Request::write(offset, buffers, user_data), 1, no_fills())
             };
             Parsed::Submit {
                 request,
                 status,
                 used_len,
+                fills,
             }
         }
         VIRTIO_BLK_T_FLUSH => Parsed::Submit {
             request: Request::flush(u64::from(head)),
             status,
             used_len: 1,
+            fills: no_fills(),
         },
         VIRTIO_BLK_T_GET_ID => {
             let Some(&(addr, len, writable)) = data.first() else {
@@ -272,6 +290,7 @@ pub fn parse(
                 request,
                 status,
                 used_len: 1,
+                fills: no_fills(),
             }
         }
         other => {

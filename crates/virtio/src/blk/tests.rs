@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use kickvm_block::{DiskImage, DiskOptions, EngineKind};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
@@ -203,6 +204,38 @@ fn read_fills_the_buffer_from_the_image_and_completes_ok() {
     assert_eq!(*d.interrupt.queue_signals.lock().unwrap(), vec![0]);
     let c = d.counters[0].snapshot();
     assert_eq!((c.requests, c.bytes), (1, 1024));
+}
+
+/// Pages of the first region marked written in its dirty bitmap, clearing it.
+fn take_dirty_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
+    crate::dirty::pages(&crate::dirty::take_written(mem)[0])
+}
+
+#[test]
+fn a_completed_read_marks_its_data_buffer_written_for_migration() {
+    let mem = guest_memory(0x40_0000);
+    let mock = setup(&mem);
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 7);
+    mock.add_desc_chains(&request(0, 1024, WRITE), 0).unwrap();
+    let d = disk(&mem, vec![mock.create_queue().unwrap()], false, None);
+    take_dirty_pages(&mem);
+    d.handler.process_queue(0);
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK);
+    let dirty = take_dirty_pages(&mem);
+    // The data the kernel wrote through its host address, the status byte, and the used ring.
+    for (what, addr) in [
+        ("data", DATA),
+        ("status", STATUS),
+        ("used ring", mock.used_addr().0),
+    ] {
+        assert!(
+            dirty.contains(&(addr >> 12)),
+            "{what} page {:#x} not marked: {dirty:x?}",
+            addr >> 12
+        );
+    }
+    // The header the device only read is not.
+    assert!(!dirty.contains(&(HDR >> 12)), "{dirty:x?}");
 }
 
 #[test]

@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -851,6 +852,7 @@ impl NetHandler {
         }
         self.stamp_rx(pair);
         let n = n as usize;
+        crate::dirty::mark_segments_written(&self.mem, rx.segments.iter().copied(), n);
         if n > capacity + tail {
             // The tap reports a frame's whole length even when it cut it short.
             self.put_back(rx, rx.peeked.len());

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::GuestMemoryMmap;
 use kickvm_bus::IoAddress;
 use kickvm_pci::{
     BarKind, BarReprogram, GsiRouter, IntxLine, MsixConfig, PciConfiguration, PciDevice, PciHeader,
@@ -21,7 +22,7 @@ use kickvm_pci::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::counters::{QueueCounters, QueueCountersSnapshot};
